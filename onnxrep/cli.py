@@ -1,0 +1,162 @@
+"""Command line: thin click commands over the library.
+
+Exit codes (scripts and CI pipelines rely on them): 0 written and verified; 1 verification
+failed, nothing written (unless --force); 2 bad input or usage, one line on stderr, no
+traceback (--debug shows it) and no output file.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from onnxrep import api, io
+from onnxrep.errors import OnnxrepError
+from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shapes
+
+
+def _ids(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _one_line_errors(func: Callable[..., int]) -> Callable[..., None]:
+    """Turn any failure into one line on stderr and exit 2 (--debug: the traceback too)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
+        try:
+            code = func(*args, **kwargs)
+        except OnnxrepError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"onnxrep: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("onnxrep: interrupted", err=True)
+            sys.exit(2)
+        except Exception as exc:  # noqa: BLE001 - the contract: never a traceback
+            if debug:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"onnxrep: internal error: {type(exc).__name__}: {first} "
+                       "(rerun with --debug and report it)", err=True)
+            sys.exit(2)
+        sys.exit(code)
+
+    return wrapper
+
+
+debug_option = click.option("--debug", is_flag=True, help="Show tracebacks.")
+verify_options = [
+    click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
+                 help="Max relative L2 error per output."),
+    click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True,
+                 help="Max absolute error per output (for outputs near zero)."),
+    click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D1,D2,...",
+                 help="Values of symbolic dims for verification (default 1)."),
+]
+
+
+def _with(options: list) -> Callable:
+    def deco(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(api.__version__, prog_name="onnxrep")
+def main() -> None:
+    """Re-parameterize training-time multi-branch ONNX models into plain networks."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write the JSON report here.")
+@click.option("--remove-residuals", is_flag=True,
+              help="Also remove residual Adds (RMNet; widens layers, opt-in).")
+@click.option("--rules", "only", metavar="IDS", help="Comma-separated rule ids to run (only).")
+@click.option("--skip", metavar="IDS", help="Comma-separated rule ids to skip.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
+@_with(verify_options)
+@click.option("--explain", is_flag=True, help="Print near misses: why rules did not fire.")
+@click.option("--force", is_flag=True,
+              help="Overwrite the input file; write even when verification fails.")
+@click.option("-q", "--quiet", is_flag=True, help="No console report.")
+@debug_option
+@_one_line_errors
+def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
+         only: str | None, skip: str | None, no_verify: bool, rtol: float, atol: float,
+         input_shape: tuple[str, ...], explain: bool, force: bool, quiet: bool) -> int:
+    """Fuse SRC into an equivalent plain model written to DST."""
+    shapes = parse_input_shapes(input_shape)
+    io.check_destination(src if src.exists() else None, dst, force)
+    if report_path is not None and not report_path.parent.exists():
+        raise OnnxrepError(f"{report_path.parent}: report folder does not exist")
+    result = api.fuse(src, rules=_ids(only), skip=_ids(skip) or (),
+                      remove_residuals=remove_residuals, verify=not no_verify,
+                      rtol=rtol, atol=atol, input_shapes=shapes)
+    report = result.report
+    failed = report.verification is not None and not report.verification.passed
+    if not failed or force:
+        api.write(result, dst, source=src, force=force)
+    if report_path is not None:
+        report_path.write_text(report.to_json())
+    if not quiet:
+        click.echo(report.render(explain=explain))
+    if failed:
+        click.echo("onnxrep: verification failed: "
+                   + ("written anyway (--force)" if force else "nothing written"), err=True)
+        return 1
+    return 0
+
+
+@main.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@_with(verify_options)
+@debug_option
+@_one_line_errors
+def verify(reference: Path, candidate: Path, rtol: float, atol: float,
+           input_shape: tuple[str, ...]) -> int:
+    """Compare two models on the same random inputs (exit 0 equal, 1 different)."""
+    from onnxrep.verify import verify as run_verification
+
+    shapes = parse_input_shapes(input_shape)
+    for path in (reference, candidate):
+        io.load(path)  # one-line errors for bad files before onnxruntime sees them
+    result = run_verification(reference, candidate, input_shapes=shapes, rtol=rtol, atol=atol)
+    for o in result.outputs:
+        click.echo(f"{o.name}: max|err| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}  "
+                   f"{'ok' if o.passed else 'FAIL'}")
+    click.echo("equivalent" if result.passed else "DIFFERENT")
+    return 0 if result.passed else 1
+
+
+@main.command()
+@debug_option
+@_one_line_errors
+def rules() -> int:
+    """List the rules in the order they run."""
+    from onnxrep.rules import RULES
+
+    width = max(len(r.id) for r in RULES)
+    for rule in RULES:
+        tag = "  (opt-in: --remove-residuals)" if getattr(rule, "opt_in", False) else ""
+        click.echo(f"{rule.id:<{width}}  {rule.summary}{tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

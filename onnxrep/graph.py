@@ -1,0 +1,199 @@
+"""Normalize an imported model before the rules run.
+
+1. onnx shape inference (so that static shape arithmetic can fold);
+2. unique node names (onnx-graphsurgeon compares nodes by name);
+3. constant folding with onnx-graphsurgeon's `fold_constants(fold_shapes=True)`:
+   all-constant subgraphs (OREPA's weight computation, DBB's pad-value construction,
+   dynamo's Shape -> Expand -> CastLike zero biases) and Shape arithmetic on static dims;
+4. removal of no-ops: Identity, inference Dropout, Add/Sub(t, 0), Mul/Div(t, 1);
+5. dead-node cleanup and topological order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from onnxrep.surgery import bypass, constant_value
+
+G_LOGGER.severity = G_LOGGER.ERROR
+log = logging.getLogger(__name__)
+
+_MAX_FOLD_ROUNDS = 4
+
+
+_LIGHT_BYTES = 4096  # initializers larger than this lose their data in the inference copy
+
+
+def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """onnx shape inference, run on a copy without the large weights' bytes (shape inference
+    reads their dims, not their values) so that big models cost no second copy in memory."""
+    light = onnx.ModelProto()
+    graph = model.graph
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    light.graph.output.extend(graph.output)
+    input_names = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) > _LIGHT_BYTES:
+            # A large weight enters as a typed graph input: its dims, not its bytes.
+            if tensor.name not in input_names:
+                light.graph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+                )
+        else:
+            light.graph.initializer.append(tensor)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference is an aid, never a requirement
+        log.debug("shape inference failed: %s", exc)
+        return []
+    return list(inferred.graph.value_info)
+
+
+def unique_node_names(graph: gs.Graph) -> None:
+    seen: set[str] = set()
+    counters: dict[str, int] = {}
+    for node in graph.nodes:
+        name = node.name
+        if not name or name in seen:
+            base = name or node.op
+            k = counters.get(base, 0)
+            while True:
+                k += 1
+                candidate = f"{base}_{k}"
+                if candidate not in seen:
+                    break
+            counters[base] = k
+            name = candidate
+        node.name = name
+        seen.add(name)
+
+
+def castlike_to_cast(graph: gs.Graph) -> None:
+    """CastLike(c, like) reads only the dtype of `like`; as Cast(c, to=dtype) it folds even
+    when `like` is dynamic (the dynamo exporter's zero biases: CastLike(0, input))."""
+    for node in graph.nodes:
+        if node.op != "CastLike" or len(node.inputs) != 2:
+            continue
+        like = node.inputs[1]
+        if like.dtype is None:
+            continue
+        try:
+            to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(like.dtype))
+        except (TypeError, KeyError, ValueError):
+            continue
+        del node.inputs[1]
+        node.op = "Cast"
+        node.attrs = {"to": int(to)}
+
+
+def fold_constants(graph: gs.Graph) -> None:
+    """Repeat onnx-graphsurgeon's folding until the node count stops falling."""
+    for _ in range(_MAX_FOLD_ROUNDS):
+        before = len(graph.nodes)
+        castlike_to_cast(graph)
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+        graph.cleanup().toposort()
+        if len(graph.nodes) >= before:
+            break
+
+
+def _widens(const_shape: tuple[int, ...], other: gs.Tensor) -> bool:
+    """Would broadcasting with a constant of `const_shape` change `other`'s shape?"""
+    if all(d == 1 for d in const_shape):
+        if other.shape is None:
+            return len(const_shape) > 0
+        return len(const_shape) > len(other.shape)
+    if other.shape is None or len(const_shape) > len(other.shape):
+        return True
+    tail = list(other.shape)[len(other.shape) - len(const_shape):]
+    return any(c != 1 and c != d for c, d in zip(const_shape, tail, strict=True))
+
+
+def _noop_operand(node: gs.Node) -> gs.Tensor | None:
+    """The operand that a node passes through unchanged, if it is a no-op."""
+    if node.op == "Identity":
+        return node.inputs[0]
+    if node.op == "Dropout":
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            return None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            training = constant_value(node.inputs[2])
+            if training is None or bool(training):
+                return None
+        return node.inputs[0]
+    neutral = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}.get(node.op)
+    if neutral is None or len(node.inputs) != 2:
+        return None
+    sides = [(0, 1), (1, 0)] if node.op in ("Add", "Mul") else [(1, 0)]
+    for const_idx, other_idx in sides:
+        value = constant_value(node.inputs[const_idx])
+        other = node.inputs[other_idx]
+        if value is None or constant_value(other) is not None:
+            continue
+        if value.size and np.all(value == neutral) and not _widens(value.shape, other):
+            if other.dtype is not None and np.dtype(other.dtype) != value.dtype:
+                continue
+            return other
+    return None
+
+
+def remove_noops(graph: gs.Graph) -> int:
+    removed = 0
+    for node in list(graph.nodes):
+        through = _noop_operand(node)
+        if through is not None and bypass(graph, node, through):
+            removed += 1
+    graph.cleanup().toposort()
+    return removed
+
+
+def normalize(model: onnx.ModelProto) -> gs.Graph:
+    """Import and normalize a model; the result is what the rules see."""
+    original = list(model.graph.value_info)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred_value_info(model))
+    try:
+        graph = gs.import_onnx(model)
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(original)
+    unique_node_names(graph)
+    fold_constants(graph)
+    remove_noops(graph)
+    unique_node_names(graph)
+    return graph
+
+
+def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph keeping the input model's IR version, opsets and model fields.
+
+    Intermediate shapes are dropped and inferred again: rewrites leave stale value_info.
+    """
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and not any(
+            tensor is t for t in graph.inputs + graph.outputs
+        ):
+            tensor.shape = None
+            tensor.dtype = None
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(like, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    del model.functions[:]
+    model.functions.extend(like.functions)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred_value_info(model))
+    return model

@@ -1,0 +1,19 @@
+"""The rules, in the order the engine tries them. No import-time registry: this list is it.
+
+Order matters only for which exact rewrite happens first; every rule is exact on its own.
+BN folds backwards into its producer before it folds forwards into a consumer.
+"""
+
+from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
+from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
+from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
+
+from onnxrep.rule import Rule
+
+RULES: list[Rule] = [
+    FoldBatchNormIntoProducer(),
+    FoldChannelAffineIntoConv(),
+    FoldBatchNormIntoNextConv(),
+]
+
+__all__ = ["RULES"]
