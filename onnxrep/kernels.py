@@ -76,3 +76,69 @@ def fold_input_affine(
     w_new = w * a_g[gi].reshape((out_c, in_g) + spatial)
     b_new = b + np.einsum("oi...,oi->o", w, c_g[gi])
     return w_new, b_new
+
+
+def identity_kernel(channels: int, group: int, spatial: int = 2) -> np.ndarray:
+    """The identity as a 1x1 grouped conv: K[o, o mod (C/g), 0, 0] = 1 (RULES-SPEC §4).
+    Embed it into a larger kernel with `embed_kernel` at the offset `align_kernels` gives."""
+    per_group = channels // group
+    k = np.zeros((channels, per_group) + (1,) * spatial)
+    k[(np.arange(channels), np.arange(channels) % per_group) + (0,) * spatial] = 1.0
+    return k
+
+
+def embed_kernel(
+    weight: np.ndarray, kernel: tuple[int, ...], offsets: tuple[int, ...]
+) -> np.ndarray:
+    """Place a small kernel inside a zero kernel of spatial size `kernel` at `offsets`."""
+    w = f64(weight)
+    out = np.zeros(w.shape[:2] + tuple(kernel))
+    index = (slice(None), slice(None)) + tuple(
+        slice(o, o + s) for o, s in zip(offsets, w.shape[2:], strict=True)
+    )
+    out[index] = w
+    return out
+
+
+def align_kernels(
+    kernels_: list[tuple[int, ...]],
+    pads: list[tuple[list[int], list[int]]],
+    dilations: tuple[int, ...],
+) -> tuple[tuple[int, ...], list[int], list[tuple[int, ...]]] | str:
+    """One kernel that holds every branch (same stride, same dilation).
+
+    Branch j taps input positions i*s - begin_j + d*t, t in [0, k_j): per axis the merged
+    kernel spans from -max(begin_j) to max(-begin_j + d(k_j-1)); branch j sits at offset
+    (BEGIN - begin_j)/d, which must be a whole number; and every branch must give the same
+    output size for every input size: begin_j + end_j - d(k_j-1) equal for all j (RULES-SPEC
+    §4). Pads may be negative on input (a Slice crop); the merged pads may not.
+    Returns (kernel shape, pads [begins..., ends...], offsets per branch) or a reason.
+    """
+    spatial = len(dilations)
+    merged_kernel: list[int] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    offsets = [[0] * spatial for _ in kernels_]
+    for axis in range(spatial):
+        d = dilations[axis]
+        ks = [k[axis] for k in kernels_]
+        bs = [p[0][axis] for p in pads]
+        es = [p[1][axis] for p in pads]
+        deltas = {b + e - d * (k - 1) for k, b, e in zip(ks, bs, es, strict=True)}
+        if len(deltas) != 1:
+            return (f"branches give different output sizes on spatial axis {axis} "
+                    f"(kernels {ks}, pads begin {bs} end {es})")
+        begin = max(bs)
+        if any((begin - b) % d for b in bs):
+            return f"branch offsets on spatial axis {axis} are not multiples of dilation {d}"
+        span_end = max(-b + d * (k - 1) for k, b in zip(ks, bs, strict=True))
+        size = (begin + span_end) // d + 1
+        end = deltas.pop() + d * (size - 1) - begin
+        if begin < 0 or end < 0:
+            return f"merged padding on spatial axis {axis} would be negative ({begin}, {end})"
+        merged_kernel.append(size)
+        begins.append(begin)
+        ends.append(end)
+        for j, b in enumerate(bs):
+            offsets[j][axis] = (begin - b) // d
+    return tuple(merged_kernel), begins + ends, [tuple(o) for o in offsets]
