@@ -125,6 +125,12 @@ def check_destination(src: Path | None, dst: Path, force: bool) -> None:
             raise OnnxrepError(f"{dst}: refusing to overwrite the input model (use --force)")
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def save_atomic(
     model: onnx.ModelProto, dst: str | os.PathLike[str], external_data: bool
 ) -> list[Path]:
@@ -142,16 +148,15 @@ def save_atomic(
         tmp_model = tmp / dst.name
         data_name = dst.name + ".data"
         if external_data:
-            onnx.save_model(
-                model,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=_EXTERNAL_THRESHOLD,
-            )
-        else:
-            onnx.save_model(model, str(tmp_model))
+            # Mark tensors ourselves: onnx's save_model(save_as_external_data=True) refuses
+            # when a file named like `location` exists in the current working directory.
+            for tensor in model.graph.initializer:
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_THRESHOLD:
+                    edh.set_external_data(tensor, data_name)
+        onnx.save_model(model, str(tmp_model))
+        mode = 0o666 & ~_umask()
+        for written_file in tmp.iterdir():
+            os.chmod(written_file, mode)  # onnx writes data files 0600; match a normal file
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, dst.parent / data_name)
             written.append(dst.parent / data_name)

@@ -4,16 +4,17 @@ Order matters only for which exact rewrite happens first; every rule is exact on
 BN folds backwards into its producer before it folds forwards into a consumer.
 """
 
+from onnxrep.rule import Rule
 from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
 from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
 from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
-
-from onnxrep.rule import Rule
+from onnxrep.rules.merge_parallel import MergeParallelBranches
 
 RULES: list[Rule] = [
     FoldBatchNormIntoProducer(),
     FoldChannelAffineIntoConv(),
     FoldBatchNormIntoNextConv(),
+    MergeParallelBranches(),
 ]
 
 __all__ = ["RULES"]
