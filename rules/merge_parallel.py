@@ -318,6 +318,13 @@ def _plan_group(branches: list[Branch], channels: int) -> tuple[MergePlan | None
         return (tuple(a["strides"]), tuple(a["dilations"]), a["group"], w.shape[0],
                 w.shape[1] * a["group"], w.dtype.str)
 
+    for b in list(convs):
+        out_c = constant_value(b.conv.inputs[1]).shape[0]
+        if out_c != channels:
+            reasons.append(f"{b.label} outputs {out_c} channels, the sum has {channels}")
+            convs.remove(b)
+    if not convs:
+        return None, reasons
     keys = [key(b) for b in convs]
     best = max(keys, key=keys.count)
     members = [b for b, k in zip(convs, keys, strict=True) if k == best]
