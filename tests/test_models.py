@@ -1,0 +1,91 @@
+"""Every model family exports in each of its forms and onnxruntime reproduces torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from models.export import FORMS, batch_is_dynamic, export
+from models.registry import FAMILIES, Family
+
+RTOL = 1e-5
+
+CASES = [(name, form) for name, fam in FAMILIES.items() for form in fam.forms]
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+_TRAIN_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def _train_model(fam: Family) -> torch.nn.Module:
+    if fam.name not in _TRAIN_CACHE:
+        _TRAIN_CACHE[fam.name] = fam.build_train()
+    return _TRAIN_CACHE[fam.name]
+
+
+def test_registry_is_consistent() -> None:
+    assert FAMILIES
+    for name, fam in FAMILIES.items():
+        assert fam.name == name
+        assert fam.forms and set(fam.forms) <= set(FORMS), name
+        if set(fam.forms) != set(FORMS):
+            assert fam.note, f"{name}: a missing form needs a note"
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_train_and_plain_shapes_match(name: str) -> None:
+    fam = FAMILIES[name]
+    x = torch.randn(*fam.input_shape, generator=torch.Generator().manual_seed(0))
+    train, plain = _train_model(fam), fam.build_plain()
+    assert not train.training and not plain.training
+    with torch.no_grad():
+        assert train(x).shape == plain(x).shape
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_build_is_deterministic(name: str) -> None:
+    fam = FAMILIES[name]
+    a, b = _train_model(fam).state_dict(), fam.build_train().state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (name, k)
+
+
+@pytest.mark.parametrize(("name", "form"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_export_matches_torch(name: str, form: str, tmp_path: Path) -> None:
+    fam = FAMILIES[name]
+    model = _train_model(fam)
+    path = export(model, fam.input_shape, tmp_path / f"{name}-{form}.onnx", form)
+    assert path.exists()
+    if form.startswith("dynamo"):
+        assert Path(str(path) + ".data").exists()
+    onnx.checker.check_model(str(path))
+    sess = _session(path)
+    batches = [fam.input_shape[0]]
+    if batch_is_dynamic(path):
+        batches.append(2)
+    gen = torch.Generator().manual_seed(1)
+    for n in batches:
+        x = torch.randn(n, *fam.input_shape[1:], generator=gen)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        (out,) = sess.run(None, {"input": x.numpy()})
+        assert out.shape == ref.shape
+        err = _rel_l2(out, ref)
+        assert err <= RTOL, f"{name}/{form} batch {n}: rel L2 {err:.3g}"
