@@ -74,7 +74,7 @@ def fold_input_affine(
     gi = np.arange(out_c) // per_group_out
     spatial = (1,) * (w.ndim - 2)
     w_new = w * a_g[gi].reshape((out_c, in_g) + spatial)
-    b_new = b + np.einsum("oi...,oi->o", w, c_g[gi])
+    b_new = b + (w * c_g[gi].reshape((out_c, in_g) + spatial)).reshape(out_c, -1).sum(axis=1)
     return w_new, b_new
 
 
