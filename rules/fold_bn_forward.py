@@ -34,12 +34,11 @@ class FoldBatchNormIntoNextConv:
     opt_in = False
 
     def match(self, node: gs.Node, graph: gs.Graph) -> Match | None:
-        readers = list(node.outputs[0].outputs)
-        if len(readers) != 1 or readers[0].op != "Conv":
+        convs = [r for r in node.outputs[0].outputs
+                 if r.op == "Conv" and r.inputs[0] is node.outputs[0]]
+        if not convs:
             return None
-        conv = readers[0]
-        if conv.inputs[0] is not node.outputs[0]:
-            return None
+        conv = convs[0]  # other readers: check() says so (sole_consumer)
         m = Match(anchor=node, nodes=[node, conv], output=conv.outputs[0])
         m.roles.update(graph=graph, bn=node, conv=conv)
         return m
