@@ -80,6 +80,7 @@ class Branch:
     absorbed: list[gs.Node] = field(default_factory=list)
     pads: tuple[list[int], list[int]] = ([], [])
     reason: str = ""
+    blocked_on: gs.Node | None = None  # a Conv that could not be absorbed (reason says why)
 
     @property
     def label(self) -> str:
@@ -283,7 +284,11 @@ def _classify(graph: gs.Graph, tensor: gs.Tensor, coef: np.ndarray,
     if reason is None and any(id(r) not in internal for r in tensor.outputs):
         reason = f"{tensor.name} (output of {conv.name}) has {len(tensor.outputs)} consumers"
     if reason:
-        return Branch("blocked", tensor, conv.inputs[0], coef, conv=conv, reason=reason)
+        # The conv stays; its output is an ordinary leaf (it may be the x of other branches).
+        # `blocked_on` lets the caller say why it did not join the branches reading its input.
+        branch = Branch("identity", tensor, tensor, coef, reason=reason)
+        branch.blocked_on = conv
+        return branch
     attrs = conv_attrs(conv)
     x, absorbed, pads = _peel_input(graph, conv, attrs["pads"])
     spatial = len(pads) // 2
@@ -415,15 +420,21 @@ class MergeParallelBranches:
         groups: dict[int, list[Branch]] = {}
         for b in branches:
             groups.setdefault(id(b.source), []).append(b)
-        # A conv behind a Pad(reflect) of x competes with the branches on x: refuse, say why.
+        # A conv that cannot be absorbed, or that reads a Pad(reflect) of x, would have
+        # joined the branches on its input: refuse it there, saying why (a stand-in entry
+        # that only carries the reason; the real leaf stays in its own group).
+        for b in branches:
+            conv = b.blocked_on
+            if conv is not None and id(conv.inputs[0]) in groups:
+                groups[id(conv.inputs[0])].append(
+                    Branch("blocked", b.leaf, conv.inputs[0], b.coef, conv=conv, reason=b.reason))
         for b in branches:
             pad = producer(b.source) if b.kind == "conv" else None
             if pad is not None and pad.op == "Pad" and id(pad.inputs[0]) in groups:
-                b.kind, b.reason = "blocked", (
-                    f"{b.reason} while other branches read {pad.inputs[0].name}: "
-                    "padding modes differ")
-                groups[id(b.source)].remove(b)
-                groups.setdefault(id(pad.inputs[0]), []).append(b)
+                reason = (f"{b.reason} while other branches read {pad.inputs[0].name}: "
+                          "padding modes differ")
+                groups[id(pad.inputs[0])].append(
+                    Branch("blocked", b.leaf, pad.inputs[0], b.coef, conv=b.conv, reason=reason))
         interesting = [g for g in groups.values()
                        if len(g) >= 2 and any(b.kind != "identity" for b in g)]
         if not interesting:
