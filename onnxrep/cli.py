@@ -104,6 +104,8 @@ def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
     io.check_destination(src if src.exists() else None, dst, force)
     if report_path is not None and not report_path.parent.exists():
         raise OnnxrepError(f"{report_path.parent}: report folder does not exist")
+    if report_path is not None and report_path.is_dir():
+        raise OnnxrepError(f"{report_path}: is a directory, expected a report file name")
     result = api.fuse(src, rules=_ids(only), skip=_ids(skip) or (),
                       remove_residuals=remove_residuals, verify=not no_verify,
                       rtol=rtol, atol=atol, input_shapes=shapes)
