@@ -42,12 +42,8 @@ class ACBlock(nn.Module):
             self.crop = k // 2 - padding
             hor_padding = (0, padding)
             ver_padding = (padding, 0)
-        self.ver_conv = nn.Conv2d(
-            cin, cout, (k, 1), stride, ver_padding, groups=groups, bias=False
-        )
-        self.hor_conv = nn.Conv2d(
-            cin, cout, (1, k), stride, hor_padding, groups=groups, bias=False
-        )
+        self.ver_conv = nn.Conv2d(cin, cout, (k, 1), stride, ver_padding, groups=groups, bias=False)
+        self.hor_conv = nn.Conv2d(cin, cout, (1, k), stride, hor_padding, groups=groups, bias=False)
         self.ver_bn = nn.BatchNorm2d(cout)
         self.hor_bn = nn.BatchNorm2d(cout)
 

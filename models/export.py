@@ -21,8 +21,9 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -35,11 +36,17 @@ _NOISY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxs
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence exporter warnings, log records and progress prints (stdout and stderr)."""
+    """Silence exporter warnings, log records and progress prints (stdout and stderr).
+
+    torch's loggers hold the original stderr, so records are disabled, not redirected (the
+    dynamo exporter logs guard failures at ERROR level even when it recovers).
+    """
     saved = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    saved_disable = logging.root.manager.disable
     try:
+        logging.disable(logging.CRITICAL)
         for name in _NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
@@ -48,6 +55,7 @@ def quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
+        logging.disable(saved_disable)
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
 
@@ -72,6 +80,83 @@ def _remove(path: Path) -> None:
             p.unlink()
 
 
+def _dynamo_program(
+    model: torch.nn.Module, input_shape: tuple[int, ...], probe: Path
+) -> tuple[Any, bool]:
+    """Run the dynamo exporter (optimize=False) with a dynamic batch; fall back to a static
+    batch when that fails or the batch does not survive. Returns (ONNXProgram, dynamic)."""
+    common: dict[str, Any] = dict(
+        opset_version=OPSET, input_names=["input"], output_names=["output"]
+    )
+    # torch.export specializes sizes 0 and 1: a batch-1 example can pin the batch (DBB's
+    # broadcasting slice assignment does), so the dynamic attempt traces with a batch of 2.
+    x2 = torch.randn(max(2, input_shape[0]), *input_shape[1:])
+    try:
+        prog = torch.onnx.export(
+            model,
+            (x2,),
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("N")},),
+            optimize=False,
+            **common,
+        )
+        prog.save(str(probe), external_data=True)
+        dynamic = _batch_is_dynamic(probe)
+    except Exception:  # fall back to a static batch below
+        prog, dynamic = None, False
+    finally:
+        _remove(probe)
+    if prog is None or not dynamic:
+        x = torch.randn(*input_shape)
+        prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, **common)
+    return prog, dynamic
+
+
+def export_forms(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    paths: Mapping[str, str | os.PathLike],
+) -> dict[str, Path]:
+    """Export ``model`` once per form in ``paths`` (form -> .onnx path); returns form -> Path.
+
+    The two dynamo forms share one torch.export + translation: ``optimize=True`` of
+    ``torch.onnx.export`` is exactly ``ONNXProgram.optimize()`` applied afterwards.
+    """
+    bad = set(paths) - set(FORMS)
+    if bad:
+        raise ValueError(f"unknown export form(s) {sorted(bad)}; expected some of {FORMS}")
+    out = {form: Path(p) for form, p in paths.items()}
+    for p in out.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _remove(p)
+    model = model.eval()
+    x = torch.randn(*input_shape)
+    with quiet(), torch.no_grad():
+        for form in ("ts-folded", "ts-unfolded"):
+            if form in out:
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(out[form]),
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+                    do_constant_folding=(form == "ts-folded"),
+                )
+        if "dynamo" in out or "dynamo-noopt" in out:
+            probe = next(p for f, p in out.items() if f.startswith("dynamo"))
+            probe = probe.with_name(probe.name + ".probe.onnx")
+            prog, _ = _dynamo_program(model, input_shape, probe)
+            if "dynamo-noopt" in out:
+                prog.save(str(out["dynamo-noopt"]), external_data=True)
+            if "dynamo" in out:
+                prog.optimize()
+                prog.save(str(out["dynamo"]), external_data=True)
+    return out
+
+
 def export(
     model: torch.nn.Module,
     input_shape: tuple[int, ...],
@@ -81,48 +166,12 @@ def export(
     """Export ``model`` (put in eval mode) for an input of ``input_shape`` to ``path``.
 
     Returns the path of the written .onnx file (dynamo forms also write ``<path>.data``).
+    The batch dimension is dynamic (``N``) unless the dynamo exporter could not keep it
+    (check with :func:`batch_is_dynamic`).
     """
     if form not in FORMS:
         raise ValueError(f"unknown export form {form!r}; expected one of {FORMS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove(path)
-    model = model.eval()
-    x = torch.randn(*input_shape)
-    common = dict(opset_version=OPSET, input_names=["input"], output_names=["output"])
-    with quiet(), torch.no_grad():
-        if form.startswith("ts-"):
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
-                do_constant_folding=(form == "ts-folded"),
-                **common,
-            )
-        else:
-            optimize = form == "dynamo"
-            try:
-                prog = torch.onnx.export(
-                    model,
-                    (x,),
-                    dynamo=True,
-                    dynamic_shapes=({0: torch.export.Dim("N")},),
-                    optimize=optimize,
-                    **common,
-                )
-            except Exception:  # fall back to a static batch
-                prog = None
-            if prog is not None:
-                prog.save(str(path), external_data=True)
-            if prog is None or not _batch_is_dynamic(path):
-                _remove(path)
-                prog = torch.onnx.export(
-                    model, (x,), dynamo=True, optimize=optimize, **common
-                )
-                prog.save(str(path), external_data=True)
-    return path
+    return export_forms(model, input_shape, {form: path})[form]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,17 +192,27 @@ def main(argv: list[str] | None = None) -> int:
         fam = FAMILIES[name]
         forms = fam.forms if args.form == "all" else (args.form,)
         for form in forms:
+            if form not in FORMS:
+                print(f"unknown form {form!r}; expected one of {FORMS}", file=sys.stderr)
+                return 2
             if form not in fam.forms:
                 print(f"skip {name}/{form}: {fam.note or 'form not supported'}", file=sys.stderr)
-                continue
-            out = args.out / f"{name}-{form}.onnx"
-            try:
-                export(fam.build_train(), fam.input_shape, out, form)
-            except Exception as e:  # report and continue
-                print(f"FAILED {name}/{form}: {type(e).__name__}: {e}", file=sys.stderr)
-                status = 1
-                continue
-            print(out)
+        paths = {f: args.out / f"{name}-{f}.onnx" for f in forms if f in fam.forms}
+        if not paths:
+            continue
+        model = fam.build_train()
+        try:
+            written = export_forms(model, fam.input_shape, paths)
+        except Exception:  # retry form by form to report exactly which one fails
+            written = {}
+            for form, path in paths.items():
+                try:
+                    written[form] = export(model, fam.input_shape, path, form)
+                except Exception as e:
+                    print(f"FAILED {name}/{form}: {type(e).__name__}: {e}", file=sys.stderr)
+                    status = 1
+        for p in written.values():
+            print(p if batch_is_dynamic(p) else f"{p}  (static batch)")
     return status
 
 

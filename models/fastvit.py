@@ -109,9 +109,7 @@ class ReparamLargeKernelConv(nn.Module):
 class FastViTTiny(nn.Module):
     def __init__(self, deploy: bool = False) -> None:
         super().__init__()
-        stem_conv = (
-            nn.Conv2d(3, 16, 3, 2, 1) if deploy else conv_bn(3, 16, 3, 2, 1)
-        )
+        stem_conv = nn.Conv2d(3, 16, 3, 2, 1) if deploy else conv_bn(3, 16, 3, 2, 1)
         pw = nn.Conv2d(16, 24, 1) if deploy else conv_bn(16, 24, 1)
         self.stem = nn.Sequential(
             stem_conv, nn.GELU(), ReparamLargeKernelConv(16, 7, 3, 2, deploy), pw, nn.GELU()

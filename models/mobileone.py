@@ -89,9 +89,7 @@ class MobileOne(nn.Module):
         cfg = [(16, 16, 1), (16, 24, 2), (24, 24, 1), (24, 32, 2)]  # cin, cout, dw stride
         for i, (cin, cout, s) in enumerate(cfg):
             se = use_se and i >= 2  # SE only in the last blocks, as in MobileOne-S4
-            layers.append(
-                MobileOneBlock(cin, cin, 3, s, 1, cin, deploy, se, num_conv_branches=k)
-            )
+            layers.append(MobileOneBlock(cin, cin, 3, s, 1, cin, deploy, se, num_conv_branches=k))
             layers.append(MobileOneBlock(cin, cout, 1, 1, 0, 1, deploy, se, num_conv_branches=k))
         self.features = nn.Sequential(*layers)
         self.gap = nn.AdaptiveAvgPool2d(1)

@@ -7,7 +7,23 @@ from dataclasses import dataclass
 
 import torch
 
-from models import acnet, convbn, csla, fastvit, mobileone, qarepvgg, repghost, repvgg, repvit
+from models import (
+    acnet,
+    convbn,
+    csla,
+    dbb,
+    fastvit,
+    inception,
+    mobilenetv2,
+    mobileone,
+    orepa,
+    qarepvgg,
+    repghost,
+    replknet,
+    repvgg,
+    repvit,
+    resnet,
+)
 from models.export import FORMS
 
 
@@ -29,28 +45,191 @@ class Family:
 
 
 _SHAPE32 = (1, 3, 32, 32)
+_SHAPE64 = (1, 3, 64, 64)
+_DYNAMO = ("dynamo", "dynamo-noopt")
+
+_DBB_NOTE = (
+    "BNAndPad border fill: ts-folded/ts-unfolded write it as Pad(constant 0) then 4 "
+    "ScatterND per padded BN, each fed by a Shape/Range/Where/Expand index+update "
+    "construction (ts-unfolded also computes the fill value bias - mean*gamma/sigma with "
+    "Sub/Mul/Div/Sqrt); dynamo: Pad + 4 ScatterND with Transpose/Slice/Range index "
+    "subgraphs, fill values constant-folded to initializers, Conv-BN pairs folded by the "
+    "optimizer; dynamo-noopt: Pad + 8 ScatterND per padded BN (slice_scatter pairs) "
+    "with Expand/Reshape/Cast chains, every BN kept"
+)
 
 _FAMILIES: list[Family] = [
-    Family("convbn", convbn.build_train, convbn.build_plain, _SHAPE32, FORMS,
-           "Conv-BN-ReLU incl. stride 2, groups 4, bias+BN, ConvTranspose+BN, Linear+BN1d"),
-    Family("repvgg", repvgg.build_train, repvgg.build_plain, _SHAPE32, FORMS,
-           "7 blocks; groups=2 in 3 blocks (one stride 2); Add(t, 0) where no identity"),
-    Family("acnet", acnet.build_train, acnet.build_plain, _SHAPE32, FORMS,
-           "k3 p1, k3 p0 with CropLayer Slice inputs, k5 p2, stride 2, groups 2"),
-    Family("mobileone", mobileone.build_train, mobileone.build_plain, _SHAPE32, FORMS,
-           "k=4 branches; dw 3x3 + pw 1x1 stages; stem has 1 branch"),
-    Family("mobileone_se", mobileone.build_train_se, mobileone.build_plain_se, _SHAPE32, FORMS,
-           "SE (avg_pool2d, 1x1, ReLU, 1x1, Sigmoid, Mul) after the branch sum"),
-    Family("csla", csla.build_train, csla.build_plain, _SHAPE32, FORMS,
-           "Mul(conv, s) + Mul(conv1x1, t) + Mul(x, u), per-channel constant buffers"),
-    Family("qarepvgg", qarepvgg.build_train, qarepvgg.build_plain, _SHAPE32, FORMS,
-           "BN(conv3x3) + conv1x1 + x, BN after the sum"),
-    Family("repvit", repvit.build_train, repvit.build_plain, _SHAPE32, FORMS,
-           "RepVGGDW bn(dwconv3x3_bn + dwconv1x1 + x); channel mixer residual stays"),
-    Family("repghost", repghost.build_train, repghost.build_plain, _SHAPE32, FORMS,
-           "cheap op dw3x3-BN + BN(x1) (+ x1 in the last module), ReLU"),
-    Family("fastvit", fastvit.build_train, fastvit.build_plain, _SHAPE32, FORMS,
-           "RepMixer x + ls*(mixer - norm); norm = BN only, then BN + dw1x1 conv-BN"),
+    Family(
+        "convbn",
+        convbn.build_train,
+        convbn.build_plain,
+        _SHAPE32,
+        FORMS,
+        "Conv-BN-ReLU incl. stride 2, groups 4, bias+BN, ConvTranspose+BN, Linear+BN1d",
+    ),
+    Family(
+        "repvgg",
+        repvgg.build_train,
+        repvgg.build_plain,
+        _SHAPE32,
+        FORMS,
+        "7 blocks; groups=2 in 3 blocks (one stride 2); Add(t, 0) where no identity",
+    ),
+    Family(
+        "acnet",
+        acnet.build_train,
+        acnet.build_plain,
+        _SHAPE32,
+        FORMS,
+        "k3 p1, k3 p0 with CropLayer Slice inputs, k5 p2, stride 2, groups 2",
+    ),
+    Family(
+        "mobileone",
+        mobileone.build_train,
+        mobileone.build_plain,
+        _SHAPE32,
+        FORMS,
+        "k=4 branches; dw 3x3 + pw 1x1 stages; stem has 1 branch",
+    ),
+    Family(
+        "mobileone_se",
+        mobileone.build_train_se,
+        mobileone.build_plain_se,
+        _SHAPE32,
+        FORMS,
+        "SE (avg_pool2d, 1x1, ReLU, 1x1, Sigmoid, Mul) after the branch sum",
+    ),
+    Family(
+        "csla",
+        csla.build_train,
+        csla.build_plain,
+        _SHAPE32,
+        FORMS,
+        "Mul(conv, s) + Mul(conv1x1, t) + Mul(x, u), per-channel constant buffers",
+    ),
+    Family(
+        "qarepvgg",
+        qarepvgg.build_train,
+        qarepvgg.build_plain,
+        _SHAPE32,
+        FORMS,
+        "BN(conv3x3) + conv1x1 + x, BN after the sum",
+    ),
+    Family(
+        "repvit",
+        repvit.build_train,
+        repvit.build_plain,
+        _SHAPE32,
+        FORMS,
+        "RepVGGDW bn(dwconv3x3_bn + dwconv1x1 + x); channel mixer residual stays",
+    ),
+    Family(
+        "repghost",
+        repghost.build_train,
+        repghost.build_plain,
+        _SHAPE32,
+        FORMS,
+        "cheap op dw3x3-BN + BN(x1) (+ x1 in the last module), ReLU",
+    ),
+    Family(
+        "fastvit",
+        fastvit.build_train,
+        fastvit.build_plain,
+        _SHAPE32,
+        FORMS,
+        "RepMixer x + ls*(mixer - norm); norm = BN only, then BN + dw1x1 conv-BN; "
+        "stem has a stride-2 dw 7x7 + 3x3 pair",
+    ),
+    Family(
+        "dbb",
+        dbb.build_train,
+        dbb.build_plain,
+        _SHAPE32,
+        FORMS,
+        "k3, k5, stride 2, groups 2; identity-based 1x1 (kernel = W + I in forward). " + _DBB_NOTE,
+    ),
+    Family(
+        "dbb_dense",
+        dbb.build_train_dense,
+        dbb.build_plain_dense,
+        _SHAPE32,
+        FORMS,
+        "dense 1x1 (internal != cin) in the 1x1-KxK branch; depthwise blocks whose avg "
+        "branch is AvgPool(K, s, pad p)+BN with no 1x1 branch. " + _DBB_NOTE,
+    ),
+    Family(
+        "orepa",
+        orepa.build_train,
+        orepa.build_plain,
+        _SHAPE32,
+        _DYNAMO,
+        "original OREPA code: the padded 1x1 branch (F.pad on a weight) makes the "
+        "TorchScript exporter fail ('ONNX export of convolution for kernel of unknown "
+        "shape'), see orepa_ts. dynamo: the optimizer folds the computed kernels of the "
+        "16-channel blocks to initializers (BN folded too) but leaves Einsum/Add/Reshape "
+        "on initializers + Conv + BN for the 32x32 block; dynamo-noopt: the whole "
+        "Einsum/Squeeze/Pad/Add/Reshape weight subgraph of every block",
+    ),
+    Family(
+        "orepa_ts",
+        orepa.build_train_pad_free,
+        orepa.build_plain_pad_free,
+        _SHAPE32,
+        FORMS,
+        "OREPA with the 1x1 embedding as einsum('oi,hw->oihw', w, one_hot) (same math): "
+        "exports in all forms; ts-folded keeps 44 Einsum (TorchScript constant folding "
+        "does not fold Einsum) feeding the Conv weights, each Conv followed by a BN",
+    ),
+    Family(
+        "inception",
+        inception.build_train,
+        inception.build_plain,
+        _SHAPE32,
+        FORMS,
+        "1x1, 3x3, 5x5, 1x3, 3x1 conv-BN branches concatenated, ReLU; one stride-2 block",
+    ),
+    Family(
+        "replknet",
+        replknet.build_train,
+        replknet.build_plain,
+        _SHAPE32,
+        FORMS,
+        "dw 13x13 + 5x5 conv-BN pairs in RepLKBlocks (pre-BN before a 1x1, residual); "
+        "FastViT-style stride-2 dw 7x7 + 3x3 pair + GELU",
+    ),
+    Family(
+        "resnet18",
+        resnet.build_train_resnet18,
+        resnet.build_plain_resnet18,
+        _SHAPE64,
+        FORMS,
+        "base width 16; plain = RMNet chain (residuals removed by widening)",
+    ),
+    Family(
+        "resnet50",
+        resnet.build_train_resnet50,
+        resnet.build_plain_resnet50,
+        _SHAPE64,
+        FORMS,
+        "v1.5 (stride in the 3x3), base width 16; plain = RMNet chain",
+    ),
+    Family(
+        "mobilenetv2",
+        mobilenetv2.build_train,
+        mobilenetv2.build_plain,
+        _SHAPE64,
+        FORMS,
+        "x0.25, last channel 128; plain = RM chain with per-channel Min/Max bounds on "
+        "identity channels and merged 1x1s (MobileNetV1-like)",
+    ),
+    Family(
+        "preact_resnet",
+        resnet.build_train_preact,
+        resnet.build_plain_preact,
+        _SHAPE32,
+        FORMS,
+        "pre-activation blocks: block input not provably >= 0, RM must not fire; plain = itself",
+    ),
 ]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}

@@ -79,7 +79,9 @@ class RepViT(nn.Module):
     def __init__(self, deploy: bool = False) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            _conv_bn(3, 8, 3, 2, 1, deploy=deploy), nn.GELU(), _conv_bn(8, 16, 3, 2, 1, deploy=deploy)
+            _conv_bn(3, 8, 3, 2, 1, deploy=deploy),
+            nn.GELU(),
+            _conv_bn(8, 16, 3, 2, 1, deploy=deploy),
         )
         self.blocks = nn.Sequential(
             RepViTBlock(16, 32, 16, 1, True, deploy),

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.export import FORMS, batch_is_dynamic, export
+from models.export import FORMS, batch_is_dynamic, export, export_forms
 from models.registry import FAMILIES, Family
 
 RTOL = 1e-5
@@ -31,12 +31,26 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 _TRAIN_CACHE: dict[str, torch.nn.Module] = {}
+_EXPORT_CACHE: dict[str, dict[str, Path]] = {}
 
 
 def _train_model(fam: Family) -> torch.nn.Module:
     if fam.name not in _TRAIN_CACHE:
         _TRAIN_CACHE[fam.name] = fam.build_train()
     return _TRAIN_CACHE[fam.name]
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+def _exported(fam: Family, out_dir: Path) -> dict[str, Path]:
+    """All forms of a family, exported once (the dynamo forms share one translation)."""
+    if fam.name not in _EXPORT_CACHE:
+        paths = {form: out_dir / f"{fam.name}-{form}.onnx" for form in fam.forms}
+        _EXPORT_CACHE[fam.name] = export_forms(_train_model(fam), fam.input_shape, paths)
+    return _EXPORT_CACHE[fam.name]
 
 
 def test_registry_is_consistent() -> None:
@@ -68,10 +82,10 @@ def test_build_is_deterministic(name: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "form"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
-def test_export_matches_torch(name: str, form: str, tmp_path: Path) -> None:
+def test_export_matches_torch(name: str, form: str, export_dir: Path) -> None:
     fam = FAMILIES[name]
     model = _train_model(fam)
-    path = export(model, fam.input_shape, tmp_path / f"{name}-{form}.onnx", form)
+    path = _exported(fam, export_dir)[form]
     assert path.exists()
     if form.startswith("dynamo"):
         assert Path(str(path) + ".data").exists()
@@ -80,6 +94,8 @@ def test_export_matches_torch(name: str, form: str, tmp_path: Path) -> None:
     batches = [fam.input_shape[0]]
     if batch_is_dynamic(path):
         batches.append(2)
+    else:  # the exporter fell back to a static batch: the family must say so
+        assert "static batch" in fam.note, f"{name}/{form}: batch is static"
     gen = torch.Generator().manual_seed(1)
     for n in batches:
         x = torch.randn(n, *fam.input_shape[1:], generator=gen)
@@ -89,3 +105,12 @@ def test_export_matches_torch(name: str, form: str, tmp_path: Path) -> None:
         assert out.shape == ref.shape
         err = _rel_l2(out, ref)
         assert err <= RTOL, f"{name}/{form} batch {n}: rel L2 {err:.3g}"
+
+
+def test_single_form_export(tmp_path: Path) -> None:
+    fam = FAMILIES["repvgg"]
+    path = export(fam.build_plain(), fam.input_shape, tmp_path / "plain.onnx", "ts-folded")
+    assert path.exists() and batch_is_dynamic(path)
+    assert not Path(str(path) + ".data").exists()
+    with pytest.raises(ValueError):
+        export(fam.build_plain(), fam.input_shape, tmp_path / "x.onnx", "nope")
