@@ -213,3 +213,33 @@ def expect_refused(result: Result, rule_id: str, *words: str) -> list[str]:
     reasons = misses_for(result, rule_id)
     assert any(all(w in r for w in words) for r in reasons), (words, reasons)
     return reasons
+
+
+def onnxrep_command() -> list[str]:
+    """The installed console script (next to this interpreter, else on PATH)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "onnxrep"
+    found = str(beside) if beside.exists() else shutil.which("onnxrep")
+    assert found, "the onnxrep console script is not installed (pip install -e .)"
+    return [found]
+
+
+def cli(*args: Any, cwd: Any = None, timeout: float = 300) -> Any:
+    """Run `onnxrep ARGS...` in a subprocess; returns the CompletedProcess (text output)."""
+    import subprocess
+
+    return subprocess.run([*onnxrep_command(), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(returncode: int, stderr: str) -> str:
+    """Exit 2, exactly one line on stderr, an 'onnxrep: error:' and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == 2, (returncode, stderr)
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("onnxrep: error: "), lines[0]
+    return lines[0]
