@@ -1,0 +1,35 @@
+# onnxrep: install, demo, test. PYTHON may name any interpreter (a venv's python, python3.11).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+ONNXREP ?= $(PYTHON) -m onnxrep.cli
+EXAMPLE := models/examples/repvgg_tiny.onnx
+LINTED := onnxrep rules tests models
+
+.PHONY: install demo test-deps test lint bench clean
+
+install:
+	$(PIP) install -e .
+
+# Fuse the bundled example (no torch needed) and print the report.
+demo: install
+	mkdir -p out
+	$(ONNXREP) fuse $(EXAMPLE) out/repvgg_tiny.fused.onnx --report out/repvgg_tiny.report.json
+	@echo "model: out/repvgg_tiny.fused.onnx  report: out/repvgg_tiny.report.json"
+
+# torch is pinned to 2.13.0 in the test extra (see pyproject.toml).
+test-deps:
+	$(PIP) install -e '.[test]'
+
+test: test-deps
+	$(PYTHON) -m ruff check $(LINTED)
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check $(LINTED)
+
+bench:
+	@if [ -f bench/run.py ]; then $(PYTHON) bench/run.py; else echo "no benchmark yet"; fi
+
+clean:
+	rm -rf out build .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -not -path "./.git/*" -exec rm -rf {} +
