@@ -49,13 +49,20 @@ _SHAPE64 = (1, 3, 64, 64)
 _DYNAMO = ("dynamo", "dynamo-noopt")
 
 _DBB_NOTE = (
-    "BNAndPad border fill: ts-folded/ts-unfolded write it as Pad(constant 0) then 4 "
-    "ScatterND per padded BN, each fed by a Shape/Range/Where/Expand index+update "
-    "construction (ts-unfolded also computes the fill value bias - mean*gamma/sigma with "
-    "Sub/Mul/Div/Sqrt); dynamo: Pad + 4 ScatterND with Transpose/Slice/Range index "
-    "subgraphs, fill values constant-folded to initializers, Conv-BN pairs folded by the "
-    "optimizer; dynamo-noopt: Pad + 8 ScatterND per padded BN (slice_scatter pairs) "
-    "with Expand/Reshape/Cast chains, every BN kept"
+    "BNAndPad border fill, per padded BN: Pad(constant, value 0) then 4 ScatterND on the data "
+    "path (top, bottom, left, right) whose updates Expand a per-channel fill to the border shape "
+    "through Shape/Gather/Range/... index subgraphs (dynamic in N). ts-folded: the fill is a "
+    "(C,1,1) initializer (equal to the folded bias of the Conv before it, or BN(0) where the BN "
+    "stays); Pad's pads input is a Cast(Reshape(Transpose(Slice(Reshape(Concat(Constant, "
+    "ConstantOfShape)))))) constant chain, not an initializer; the avg branch's BN is folded into"
+    " its 1x1 conv but the 1x1-KxK branch's BN after an identity-based 1x1 (a conv2d with a "
+    "computed weight) stays a BatchNormalization before the Pad. ts-unfolded: every BN kept; the "
+    "fill computed in-graph as bias - mean*weight/sqrt(var+eps) (Sub/Mul/Div/Sqrt on "
+    "initializers); the identity-based 1x1 weight is Add(weight, id_tensor) on initializers. "
+    "dynamo: pads is an initializer [0,0,p,p,0,0,p,p], the fill a (C,1,1) initializer, the "
+    "ScatterNDs work on Transposed views (slice_scatter lowering), every Conv-BN folded (only the"
+    " BN after AveragePool stays). dynamo-noopt: as dynamo but every BN kept, the fill computed "
+    "with Sub/Mul/Div/Sqrt, W+I as an Add, and 4 more ScatterND per BNAndPad build the updates"
 )
 
 _FAMILIES: list[Family] = [
@@ -73,7 +80,9 @@ _FAMILIES: list[Family] = [
         repvgg.build_plain,
         _SHAPE32,
         FORMS,
-        "7 blocks; groups=2 in 3 blocks (one stride 2); Add(t, 0) where no identity",
+        "7 blocks (3 with identity BN); groups=2 in 3 blocks (one stride 2). The original's "
+        "Python `+ 0` for a missing identity is dropped by TorchScript and by the dynamo "
+        "optimizer; dynamo-noopt keeps it as Add(t, Cast(Constant 0))",
     ),
     Family(
         "acnet",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.export import FORMS, batch_is_dynamic, export, export_forms
+from models.make_examples import EXAMPLES, EXAMPLES_DIR, MAX_BYTES
 from models.registry import FAMILIES, Family
 
 RTOL = 1e-5
@@ -114,3 +115,23 @@ def test_single_form_export(tmp_path: Path) -> None:
     assert not Path(str(path) + ".data").exists()
     with pytest.raises(ValueError):
         export(fam.build_plain(), fam.input_shape, tmp_path / "x.onnx", "nope")
+
+
+@pytest.mark.parametrize("filename", sorted(EXAMPLES))
+def test_bundled_example(filename: str) -> None:
+    """The committed examples are small single files with a dynamic batch that still match
+    the registry model (regenerate with ``python -m models.make_examples``)."""
+    path = EXAMPLES_DIR / filename
+    assert path.exists(), "run python -m models.make_examples"
+    assert path.stat().st_size < MAX_BYTES
+    model = onnx.load(str(path))
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert batch_is_dynamic(path)
+    ops = {n.op_type for n in model.graph.node}
+    assert "BatchNormalization" in ops  # TorchScript, unfolded
+    fam = FAMILIES[EXAMPLES[filename]]
+    x = torch.randn(2, *fam.input_shape[1:], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _train_model(fam)(x).numpy()
+    (out,) = _session(path).run(None, {"input": x.numpy()})
+    assert _rel_l2(out, ref) <= RTOL
