@@ -74,7 +74,13 @@ def run(
                 if reasons:
                     misses.extend(Miss(rule.id, node.name, r) for r in reasons)
                     continue
-                result.applied.append(rule.rewrite(graph, match))
+                try:
+                    result.applied.append(rule.rewrite(graph, match))
+                except Exception as exc:  # the graph may be half-rewritten: stop here
+                    raise OnnxrepError(
+                        f"internal error in rule {rule.id} rewriting {node.name}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 graph.cleanup().toposort()
                 alive = {id(n) for n in graph.nodes}
                 fired[rule.id] += 1

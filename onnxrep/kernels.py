@@ -142,3 +142,16 @@ def align_kernels(
         for j, b in enumerate(bs):
             offsets[j][axis] = (begin - b) // d
     return tuple(merged_kernel), begins + ends, [tuple(o) for o in offsets]
+
+
+def fold_input_affine_gemm(
+    b_matrix: np.ndarray, c_bias: np.ndarray, trans_b: bool, alpha: float, beta: float,
+    a: np.ndarray, c: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gemm(a*x + c) with per-input-feature a, c: alpha*(a*x + c) @ B + beta*C
+    = alpha * x @ (a[:, None] * B) + (beta*C + alpha * c @ B), B in [K, O] layout.
+    Returns (B' in the Gemm's own layout, C') for beta' = 1."""
+    b_ko = f64(b_matrix).T if trans_b else f64(b_matrix)
+    scaled = f64(a)[:, None] * b_ko
+    bias = float(beta) * f64(c_bias) + float(alpha) * (f64(c) @ b_ko)
+    return (scaled.T if trans_b else scaled), bias

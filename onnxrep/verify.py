@@ -148,9 +148,13 @@ def compare_outputs(
         if a64.size == 0:
             diffs.append(OutputDiff(name, 0.0, 0.0, True))
             continue
-        err = a64 - b64
+        # Positions equal in both (the same inf, or nan in both) count as zero error; an inf
+        # or nan in only one of them is an infinite error.
+        same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+        err = np.where(same, 0.0, a64 - b64)
+        err = np.where(np.isnan(err), np.inf, err)
         max_abs = float(np.max(np.abs(err)))
-        norm = float(np.linalg.norm(a64))
+        norm = float(np.linalg.norm(np.where(np.isfinite(a64), a64, 0.0)))
         rel = float(np.linalg.norm(err) / norm) if norm > 0 else (0.0 if max_abs == 0 else np.inf)
         passed = bool(np.isfinite(max_abs) and (rel <= rtol or max_abs <= atol))
         diffs.append(OutputDiff(name, max_abs, rel, passed))

@@ -336,3 +336,19 @@ def test_fold_bn_after_dynamo_style_zero_bias() -> None:
     result = fuse_model(model)
     expect_fused(result, {"Conv": 1}, {"fold-bn": 1})
     assert not misses_for(result, "fold-bn")
+
+
+def test_compare_outputs_counts_matching_inf_and_nan_as_equal() -> None:
+    import numpy as np
+
+    from onnxrep.verify import compare_outputs
+
+    ref = np.array([1.0, np.inf, np.nan, -np.inf], dtype=np.float32)
+    same = compare_outputs(["y"], [ref], [ref.copy()], 1e-5, 1e-6)[0]
+    assert same.passed and same.max_abs == 0.0
+    moved = ref.copy()
+    moved[2] = 0.0  # nan in one model only
+    assert not compare_outputs(["y"], [ref], [moved], 1e-5, 1e-6)[0].passed
+    flipped = ref.copy()
+    flipped[1] = -np.inf
+    assert not compare_outputs(["y"], [ref], [flipped], 1e-5, 1e-6)[0].passed

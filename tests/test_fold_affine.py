@@ -144,10 +144,11 @@ def test_div_by_zero_is_refused() -> None:
     divisor = away_from_zero((1, C, 1, 1), 25)
     divisor[0, 2, 0, 0] = 0.0
     model = conv_then("Div", divisor)
-    # No verification: the model's own output holds inf, which never compares equal.
-    result = fuse_model(model, verify=False)
+    # The model's own output holds inf: verification counts equal infs as equal.
+    result = fuse_model(model)
     expect_refused(result, RULE, "affine", "divides by zero")
     assert op_counts(result.model) == op_counts(model)
+    assert result.verified
 
 
 def test_constant_divided_by_conv_is_not_an_affine_map() -> None:

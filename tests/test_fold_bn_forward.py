@@ -131,3 +131,36 @@ def test_bn_feeding_the_conv_weight_is_not_folded() -> None:
     result = fuse_model(model)
     assert RULE not in {a.rule for a in result.report.applied}
     assert op_counts(result.model) == op_counts(model)
+
+
+def bn_gemm_model(trans_b: int, with_c: bool, alpha: float = 1.0, beta: float = 1.0,
+                  x_shape: list | None = None, trans_a: int = 0) -> onnx.ModelProto:
+    """x[N, 6] -> BN -> Gemm -> y (RepViT's BN_Linear head)."""
+    b_matrix = rand(5, 6, seed=4) if trans_b else rand(6, 5, seed=4)
+    inits = [onnx.numpy_helper.from_array(b_matrix, "gemm.B")]
+    inputs = ["bn_out", "gemm.B"]
+    if with_c:
+        inits.append(onnx.numpy_helper.from_array(rand(5, seed=5), "gemm.C"))
+        inputs.append("gemm.C")
+    nodes, bn_inits = chain(bn("bn", "x", 6))
+    nodes.append(node("Gemm", inputs, ["y"], "gemm", transB=trans_b, transA=trans_a,
+                      alpha=alpha, beta=beta))
+    return make_model(nodes, [("x", x_shape or ["N", 6])], [("y", None)], bn_inits + inits)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("with_c", [True, False])
+def test_bn_folds_forward_into_gemm(trans_b: int, with_c: bool) -> None:
+    model = bn_gemm_model(trans_b, with_c, alpha=0.7, beta=1.3)
+    result = fuse_model(model, input_shapes={"x": [3, 6]})
+    expect_fused(result, {"Gemm": 1}, {RULE: 1})
+    feeds = {"x": rand(4, 6, seed=9)}
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_bn_into_gemm_with_trans_a_is_refused() -> None:
+    # x[6, 6]: with transA the BN's channel axis (1) is the Gemm's batch axis, not K.
+    model = bn_gemm_model(0, True, x_shape=[6, 6], trans_a=1)
+    result = fuse_model(model)
+    expect_refused(result, RULE, "transA")
+    assert op_counts(result.model)["BatchNormalization"] == 1
