@@ -72,7 +72,9 @@ _FAMILIES: list[Family] = [
         convbn.build_plain,
         _SHAPE32,
         FORMS,
-        "Conv-BN-ReLU incl. stride 2, groups 4, bias+BN, ConvTranspose+BN, Linear+BN1d",
+        "Conv-BN-ReLU incl. stride 2, groups 4, bias+BN, ConvTranspose+BN, Linear+BN1d. "
+        "ts-folded keeps the BN after ConvTranspose and the BN1d after Gemm; the dynamo "
+        "optimizer folds both (no BN left)",
     ),
     Family(
         "repvgg",
@@ -106,7 +108,9 @@ _FAMILIES: list[Family] = [
         mobileone.build_plain_se,
         _SHAPE32,
         FORMS,
-        "SE (avg_pool2d, 1x1, ReLU, 1x1, Sigmoid, Mul) after the branch sum",
+        "SE (GlobalAveragePool, 1x1, ReLU, 1x1, Sigmoid, Mul) after the branch sum; the "
+        "original SE's avg_pool2d(kernel=[h, w]) fails the TorchScript export with a dynamic "
+        "batch, so an equivalent adaptive pool is used",
     ),
     Family(
         "csla",
