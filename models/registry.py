@@ -179,8 +179,9 @@ _FAMILIES: list[Family] = [
         "original OREPA code: the padded 1x1 branch (F.pad on a weight) makes the "
         "TorchScript exporter fail ('ONNX export of convolution for kernel of unknown "
         "shape'), see orepa_ts. dynamo: the optimizer folds the computed kernels of the "
-        "16-channel blocks to initializers (BN folded too) but leaves Einsum/Add/Reshape "
-        "on initializers + Conv + BN for the 32x32 block; dynamo-noopt: the whole "
+        "first three blocks to initializers (BN folded too) but leaves 7 Einsum + Add/Reshape "
+        "on initializers feeding Conv + BN for the last (32->32) block, over its folding size "
+        "limit; dynamo-noopt: the whole "
         "Einsum/Squeeze/Pad/Add/Reshape weight subgraph of every block",
     ),
     Family(
