@@ -180,8 +180,8 @@ _FAMILIES: list[Family] = [
         "TorchScript exporter fail ('ONNX export of convolution for kernel of unknown "
         "shape'), see orepa_ts. dynamo: the optimizer folds the computed kernels of the "
         "first three blocks to initializers (BN folded too) but leaves 7 Einsum + Add/Reshape "
-        "on initializers feeding Conv + BN for the last (32->32) block, over its folding size "
-        "limit; dynamo-noopt: the whole "
+        "on initializers feeding Conv + BN for the last (32->32) block (presumably over the "
+        "optimizer's constant-folding size limit); dynamo-noopt: the whole "
         "Einsum/Squeeze/Pad/Add/Reshape weight subgraph of every block",
     ),
     Family(
