@@ -151,7 +151,8 @@ def compare_outputs(
         # Positions equal in both (the same inf, or nan in both) count as zero error; an inf
         # or nan in only one of them is an infinite error.
         same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
-        err = np.where(same, 0.0, a64 - b64)
+        with np.errstate(invalid="ignore"):
+            err = np.where(same, 0.0, a64 - b64)
         err = np.where(np.isnan(err), np.inf, err)
         max_abs = float(np.max(np.abs(err)))
         norm = float(np.linalg.norm(np.where(np.isfinite(a64), a64, 0.0)))
