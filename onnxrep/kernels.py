@@ -155,3 +155,104 @@ def fold_input_affine_gemm(
     scaled = f64(a)[:, None] * b_ko
     bias = float(beta) * f64(c_bias) + float(alpha) * (f64(c) @ b_ko)
     return (scaled.T if trans_b else scaled), bias
+
+
+# Residual removal (RMNet Reserve-and-Merge, RULES-SPEC §10). A chain of convs is widened so
+# that it also carries the block input x; `main` / `carry` index arrays say where a widened
+# tensor keeps the chain's own channels and the carried copies of x's channels (in x's order).
+# `tap` is the kernel position (pads_begin / dilation per axis) at which output i reads input
+# i*stride: a Dirac there copies the input, subsampled by the stride.
+
+
+def dirac_kernel(channels: int, kernel: tuple[int, ...], tap: tuple[int, ...]) -> np.ndarray:
+    """The identity as a group-1 conv: K[c, c, *tap] = 1, zero elsewhere."""
+    k = np.zeros((channels, channels) + tuple(kernel))
+    k[(np.arange(channels), np.arange(channels)) + tuple(tap)] = 1.0
+    return k
+
+
+def widen_first_conv(
+    weight: np.ndarray, bias: np.ndarray | None, group: int, tap: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """conv1 on x, widened with one Dirac output channel per input channel, bias 0 on them.
+
+    Group gi's outputs become [its O/g conv channels, copies of its I/g input channels]
+    (group 1: [W1; I]). Returns (W', b', main, carry)."""
+    w = f64(weight)
+    out_c, per_in = w.shape[:2]
+    per_out = out_c // group
+    width = per_out + per_in
+    first = np.arange(group)[:, None] * width
+    main = (first + np.arange(per_out)[None, :]).reshape(-1)
+    carry = (first + per_out + np.arange(per_in)[None, :]).reshape(-1)
+    w_new = np.zeros((group * width, per_in) + w.shape[2:])
+    w_new[main] = w
+    c = np.arange(group * per_in)
+    w_new[(carry, c % per_in) + tuple(tap)] = 1.0
+    b_new = np.zeros(group * width)
+    if bias is not None:
+        b_new[main] = f64(bias)
+    return w_new, b_new, main, carry
+
+
+def widen_middle_conv(
+    weight: np.ndarray, bias: np.ndarray | None, group: int, main: np.ndarray,
+    carry: np.ndarray, tap: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """A conv inside the chain, reading a widened tensor: its own channels from `main`, and
+    the carried channels copied through by a Dirac. Output layout [own | carried].
+
+    Group 1: W'[:O, main] = W, W'[O + c, carry[c], tap] = 1. Group g > 1 (caller checks: input
+    laid out [own | carried], I/g == O/g =: k, k divides C): the carried channels become C/k
+    extra groups of k channels with the identity inside each. Returns (W', b', group', main',
+    carry')."""
+    w = f64(weight)
+    out_c, per_in = w.shape[:2]
+    channels = len(carry)
+    b_new = np.concatenate([np.zeros(out_c) if bias is None else f64(bias), np.zeros(channels)])
+    c = np.arange(channels)
+    if group == 1:
+        w_new = np.zeros((out_c + channels, len(main) + channels) + w.shape[2:])
+        w_new[:out_c, main] = w
+        w_new[(out_c + c, carry) + tuple(tap)] = 1.0
+        new_group = 1
+    else:
+        ident = np.zeros((channels, per_in) + w.shape[2:])
+        ident[(c, c % per_in) + tuple(tap)] = 1.0
+        w_new = np.concatenate([w, ident])
+        new_group = group + channels // per_in
+    return w_new, b_new, new_group, np.arange(out_c), out_c + c
+
+
+def widen_last_conv(
+    weight: np.ndarray, bias: np.ndarray | None, main: np.ndarray, carry: np.ndarray,
+    tap: tuple[int, ...], shortcut: np.ndarray | None = None,
+    shortcut_bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The group-1 conv that ends the chain, summed with the shortcut: conv_n(h) + x becomes
+    [W_n | Dirac] on [h | x]; conv_n(h) + conv1x1(x) becomes [W_n | embed(W_down)], bias
+    b_n + b_down (the 1x1 shortcut's stride equals the chain's, RULES-SPEC §10)."""
+    w = f64(weight)
+    out_c = w.shape[0]
+    w_new = np.zeros((out_c, len(main) + len(carry)) + w.shape[2:])
+    w_new[:, main] = w
+    if shortcut is None:
+        w_new[(np.arange(out_c), carry) + tuple(tap)] = 1.0
+    else:
+        s = f64(shortcut).reshape(out_c, len(carry))
+        w_new[(slice(None), carry) + tuple(tap)] = s
+    b_new = np.zeros(out_c) if bias is None else f64(bias)
+    if shortcut_bias is not None:
+        b_new = b_new + f64(shortcut_bias)
+    return w_new, b_new
+
+
+def carried_bounds(
+    width: int, main: np.ndarray, low: float, high: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, high) for Min(Max(t, low), high): Clip(low, high) on the chain's own
+    channels, (-inf, +inf) on the carried ones, which pass unchanged (RULES-SPEC §10)."""
+    lo = np.full(width, -np.inf)
+    hi = np.full(width, np.inf)
+    lo[main], hi[main] = low, high
+    return lo, hi
