@@ -9,12 +9,16 @@ from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
 from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
 from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
 from onnxrep.rules.merge_parallel import MergeParallelBranches
+from onnxrep.rules.remove_residuals import MergePointwisePair, RemoveResidual
 
 RULES: list[Rule] = [
     FoldBatchNormIntoProducer(),
     FoldChannelAffineIntoConv(),
     FoldBatchNormIntoNextConv(),
     MergeParallelBranches(),
+    # opt-in (--remove-residuals), after every merging rule:
+    RemoveResidual(),
+    MergePointwisePair(),
 ]
 
 __all__ = ["RULES"]
