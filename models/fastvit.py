@@ -79,9 +79,12 @@ class RepMixerBlock(nn.Module):
         self.token_mixer = RepMixer(dim, 3, norm_scale, deploy)
         self.convffn = ConvFFN(dim, 2 * dim, deploy)
         self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1) * 0.9 + 0.1)
+        self.deploy = deploy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.token_mixer(x)
+        if self.deploy:  # deploy: the layer scale lives in the ConvFFN's last conv
+            return x + self.convffn(x)
         return x + self.layer_scale * self.convffn(x)
 
 
