@@ -14,7 +14,7 @@ import onnx
 from onnxrep import engine, io
 from onnxrep import graph as graph_mod
 from onnxrep.errors import OnnxrepError
-from onnxrep.report import Report, op_counts, parameter_count, stamp
+from onnxrep.report import Report, macs, op_counts, parameter_count, stamp
 from onnxrep.rule import Rule
 from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL
 from onnxrep.verify import verify as run_verification
@@ -92,6 +92,10 @@ def fuse(
     report.applied, report.misses = result.applied, result.misses
     report.ops_after = op_counts(fused)
     report.params_after = parameter_count(fused)
+    if remove_residuals:  # RM widens convs: show what it costs
+        before, after = macs(source, input_shapes), macs(fused, input_shapes)
+        if before is not None and after is not None:
+            report.extra["macs"] = {"before": before, "after": after}
     if verify:
         reference = loaded.path if loaded.path is not None else source
         report.verification = run_verification(

@@ -30,6 +30,83 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer))
 
 
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_PROBE_MAX_ELEMENTS = 64  # larger initializers enter shape inference as typed inputs
+
+
+def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
+                   ) -> dict[str, list[int]] | None:
+    """name -> static dims of every tensor onnx shape inference can size, with the graph
+    inputs' symbolic dims set to 1 (or taken from `input_shapes`). Large weights are not
+    copied: shape inference reads their dims only. None when shape inference fails."""
+    probe = onnx.ModelProto()
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    graph = probe.graph
+    graph.node.extend(model.graph.node)
+    weights = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in weights:
+            continue
+        given = (input_shapes or {}).get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        fixed = list(given) if given is not None else [
+            d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+        graph.input.append(onnx.helper.make_tensor_value_info(
+            vi.name, vi.type.tensor_type.elem_type, fixed))
+    for t in model.graph.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) > _PROBE_MAX_ELEMENTS:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+        else:
+            graph.initializer.append(t)
+    for vi in model.graph.output:
+        graph.output.append(onnx.helper.make_empty_tensor_value_info(vi.name))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes, no MAC count
+        return None
+    shapes: dict[str, list[int]] = {}
+    g = inferred.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    for t in g.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+         ) -> int | None:
+    """Multiply-accumulates of the Conv / ConvTranspose / Gemm / MatMul nodes for one run, from
+    onnx shape inference with symbolic dims set to 1 (or `input_shapes`); None when a shape
+    stays unknown."""
+    shapes = _static_shapes(model, input_shapes)
+    if shapes is None:
+        return None
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in _MAC_OPS:
+            continue
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        out = shapes.get(node.output[0])
+        if a is None or b is None or out is None:
+            return None
+        if node.op_type == "Conv":  # out * (I/g) * prod(kernel)
+            total += int(np.prod(out, dtype=np.int64) * np.prod(b[1:], dtype=np.int64))
+        elif node.op_type == "ConvTranspose":  # each input element meets (O/g) * prod(kernel)
+            total += int(np.prod(a, dtype=np.int64) * np.prod(b[1:], dtype=np.int64))
+        elif node.op_type == "Gemm":
+            reduced = a[0] if any(at.name == "transA" and at.i for at in node.attribute) else a[-1]
+            total += int(np.prod(out, dtype=np.int64)) * int(reduced)
+        else:  # MatMul
+            total += int(np.prod(out, dtype=np.int64)) * int(a[-1])
+    return total
+
+
 @dataclass
 class Provenance:
     rules: list[str]
