@@ -118,6 +118,7 @@ _SIGN_OF_DATA_OPS = frozenset({
 })
 _NONNEGATIVE_IF_ALL_OPS = frozenset({"Concat", "Add", "Mul", "Min"})  # every input >= 0
 _MAX_PROOF_DEPTH = 64
+_MAX_CHAIN_TEXT = 160
 
 _Sign = tuple[bool, str]  # (proven, the chain that proves it or the first unknown link)
 
@@ -245,6 +246,7 @@ def _sign_uncached(graph: gs.Graph, tensor: gs.Tensor, memo: dict[int, _Sign],
             proven, chain = operand(t)
             if not proven:
                 return False, f"{label} <- {chain}"
-            chains.append(chain)
+            # a DAG's chains would grow exponentially as text: long ones are named, not told
+            chains.append(chain if len(chain) <= _MAX_CHAIN_TEXT else f"{t.name} >= 0")
         return True, f"{label} of ({'; '.join(chains)})"
     return False, f"{label} is not known to give >= 0"
