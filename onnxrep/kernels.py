@@ -214,7 +214,7 @@ def widen_middle_conv(
     if group == 1:
         w_new = np.zeros((out_c + channels, len(main) + channels) + w.shape[2:])
         w_new[:out_c, main] = w
-        w_new[(out_c + c, carry) + tuple(tap)] = 1.0
+        w_new[out_c:, carry] = dirac_kernel(channels, w.shape[2:], tap)
         new_group = 1
     else:
         ident = np.zeros((channels, per_in) + w.shape[2:])
@@ -237,7 +237,7 @@ def widen_last_conv(
     w_new = np.zeros((out_c, len(main) + len(carry)) + w.shape[2:])
     w_new[:, main] = w
     if shortcut is None:
-        w_new[(np.arange(out_c), carry) + tuple(tap)] = 1.0
+        w_new[:, carry] = dirac_kernel(out_c, w.shape[2:], tap)
     else:
         s = f64(shortcut).reshape(out_c, len(carry))
         w_new[(slice(None), carry) + tuple(tap)] = s
