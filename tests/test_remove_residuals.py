@@ -69,14 +69,14 @@ def basic_block(cin: int = 4, planes: int = 4, stride: int = 1, downsample: bool
 
 
 def bottleneck_block(cin: int = 8, mid: int = 2, cout: int = 8, stride: int = 1,
-                     downsample: bool = False) -> onnx.ModelProto:
-    """Relu -> x -> 1x1 -> Relu -> 3x3(s) -> Relu -> 1x1 -> Add(x | 1x1_s(x)) -> Relu."""
+                     downsample: bool = False, group: int = 1) -> onnx.ModelProto:
+    """Relu -> x -> 1x1 -> Relu -> 3x3(s, group) -> Relu -> 1x1 -> Add(x | 1x1_s(x)) -> Relu."""
     pieces = [
         (node("Relu", ["input"], ["x"], "relu_in"), []),
         conv("conv1", "x", _w(mid, cin, 1, 1, seed=1), rand(mid, seed=2), out="c1"),
         (node("Relu", ["c1"], ["r1"], "relu1"), []),
-        conv("conv2", "r1", _w(mid, mid, 3, 3, seed=3), rand(mid, seed=4), out="c2",
-             pads=[1, 1, 1, 1], strides=[stride, stride]),
+        conv("conv2", "r1", _w(mid, mid // group, 3, 3, seed=3), rand(mid, seed=4), out="c2",
+             pads=[1, 1, 1, 1], strides=[stride, stride], group=group),
         (node("Relu", ["c2"], ["r2"], "relu2"), []),
         conv("conv3", "r2", _w(cout, mid, 1, 1, seed=5), rand(cout, seed=6), out="c3"),
     ]
@@ -172,6 +172,24 @@ def test_bottleneck_block(stride: int, downsample: bool) -> None:
     assert _conv_weights(result.model) == {
         "conv1": (10, 8, 1, 1), "conv2": (10, 10, 3, 3), "conv3": (8, 10, 1, 1)}
     assert_same_outputs(model, result.model, _feeds(model, scale=5.0))
+
+
+def test_bottleneck_with_grouped_middle_conv() -> None:
+    """ResNeXt-like 3x3 with group 2 (2 channels per group): the 8 carried channels become
+    4 more groups of 2 with the identity inside each."""
+    model = bottleneck_block(cin=8, mid=4, cout=8, group=2)
+    result = fuse_model(model, remove_residuals=True)
+    expect_fused(result, {"Relu": 4, "Conv": 3}, {RM: 1})
+    assert _conv_weights(result.model)["conv2"] == (12, 2, 3, 3)
+    conv2 = next(n for n in result.model.graph.node if n.name == "conv2")
+    assert next(a.i for a in conv2.attribute if a.name == "group") == 6
+    assert_same_outputs(model, result.model, _feeds(model, scale=5.0))
+
+
+def test_refused_when_carried_channels_do_not_fill_the_groups() -> None:
+    model = bottleneck_block(cin=6, mid=8, cout=6, group=2)
+    expect_refused(fuse_model(model, remove_residuals=True), RM,
+                   "conv2: 6 carried channels do not fill groups of 4")
 
 
 def test_refused_when_block_input_not_provably_nonnegative() -> None:
