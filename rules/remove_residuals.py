@@ -175,10 +175,10 @@ class RemoveResidual:
         chain: list[gs.Node] = m["chain"]
         reasons = self._check_shortcut(m)
         # 2. shape of the chain
-        if chain[0].op != "Conv":
+        if chain[0].op in _ACTIVATIONS:
             reasons.append(f"{chain[0].name} ({chain[0].op}) reads the block input '{x.name}': "
                            "the chain must start with a Conv")
-        if chain[-1].op != "Conv":
+        if chain[-1].op in _ACTIVATIONS:
             reasons.append(f"{chain[-1].name} ({chain[-1].op}) feeds the residual {add.name}: "
                            "the chain must end with a Conv")
         for node in chain:

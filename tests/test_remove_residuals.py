@@ -243,6 +243,21 @@ def test_refused_when_padding_does_not_keep_the_copy_aligned() -> None:
     expect_refused(result, RM, "conv1 pads [0, 0, 0, 0]", "not 'same' padding")
 
 
+@pytest.mark.parametrize("where", ["start", "end"])
+def test_refused_when_the_chain_does_not_start_and_end_with_a_conv(where: str) -> None:
+    model = basic_block()
+    nodes = model.graph.node
+    if where == "start":  # x -> Relu -> conv1
+        next(n for n in nodes if n.name == "conv1").input[0] = "xr"
+        nodes.insert(1, node("Relu", ["x"], ["xr"], "relu_start"))
+        words = ("relu_start (Relu) reads the block input 'x'", "start with a Conv")
+    else:  # conv2 -> Relu -> Add
+        next(n for n in nodes if n.name == "add").input[0] = "c2r"
+        nodes.insert(4, node("Relu", ["c2"], ["c2r"], "relu_end"))
+        words = ("relu_end (Relu) feeds the residual add", "end with a Conv")
+    expect_refused(fuse_model(model, remove_residuals=True), RM, *words)
+
+
 def test_refused_when_the_chain_has_an_unsupported_node() -> None:
     model = basic_block()
     relu1 = next(n for n in model.graph.node if n.name == "relu1")
