@@ -35,16 +35,20 @@ Preconditions (each refusal names the node or tensor):
      Conv's output channels;
   6. every tensor inside (Conv and activation outputs, the shortcut conv's output) is read
      only by the next node and is not a graph output;
-  7. a Relu (or Clip without upper bound kept as is) in the chain needs x >= 0, proven by
-     facts.nonnegative; otherwise the rule refuses with the proof's first unknown link.
+  7. a Relu in the chain needs x >= 0, proven by facts.nonnegative; otherwise the rule
+     refuses with the proof's first unknown link. (A Clip without upper bound and min <= 0
+     stays a Clip when x >= 0 is proven; otherwise it becomes a per-channel Max.)
 Not handled: a single Conv plus shortcut (merge-parallel's case); other activations (PReLU,
-SiLU, ...); a BatchNormalization or pooling inside the chain (pre-activation blocks); a
-shortcut other than x or one 1x1 Conv (ResNet-D's AvgPool + Conv); a grouped last Conv.
+SiLU, ...; the PReLU-slope-1 trick for a plain-ReLU chain on an unproven x is not used); a
+BatchNormalization or pooling inside the chain (pre-activation blocks); a shortcut other than
+x or one 1x1 Conv (ResNet-D's AvgPool + Conv); a grouped last Conv.
 
 rm-merge-pointwise (also opt-in): after RM, MobileNetV2's projection 1x1 of block k feeds the
 expansion 1x1 of block k+1 directly (no activation between): the two become one 1x1 conv
 (RULES-SPEC §6, narrow case), W = W2 @ W1, b = W2 @ b1 + b2, strides multiplied. Both group
 1, pads 0, 1x1 kernels, constant weights; the first conv's output read by the second alone.
+It fires on every such pair once RM is asked for, and may cost MACs (C_in*C_out against
+M*(C_in + C_out)): the plain MobileNetV1-like chain is what RM asks for.
 """
 
 from __future__ import annotations
