@@ -1,0 +1,58 @@
+"""merge-parallel end to end: every issue-3 family, exported by torch in every form, goes
+through the CLI to exactly the op set of its plain (deploy) export, verified, idempotent."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import onnxrep
+from tests.helpers import cli
+
+torch = pytest.importorskip("torch")
+registry = pytest.importorskip("models.registry")
+export = pytest.importorskip("models.export")
+
+FAMILIES = ["repvgg", "acnet", "mobileone", "mobileone_se", "csla", "qarepvgg", "repvit",
+            "repghost", "fastvit", "replknet"]
+CASES = [(name, form) for name in FAMILIES for form in registry.FAMILIES[name].forms]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """family -> {form: path, form-plain: path}, each family exported once per form."""
+    root = tmp_path_factory.mktemp("parallel")
+    out: dict[str, dict[str, Path]] = {}
+    for name in FAMILIES:
+        fam = registry.FAMILIES[name]
+        out[name] = export.export_forms(
+            fam.build_train(), fam.input_shape,
+            {form: root / f"{name}-{form}.onnx" for form in fam.forms})
+        plain = export.export_forms(
+            fam.build_plain(), fam.input_shape,
+            {form: root / f"{name}-{form}-plain.onnx" for form in fam.forms})
+        out[name].update({f"{form}-plain": path for form, path in plain.items()})
+    return out
+
+
+@pytest.mark.parametrize(("name", "form"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_family_fuses_to_its_plain_form(name: str, form: str, exported: dict,
+                                        tmp_path: Path) -> None:
+    src = exported[name][form]
+    out, report_path = tmp_path / "fused.onnx", tmp_path / "r.json"
+    proc = cli("fuse", src, out, "--report", report_path, "-q", "--input-shape",
+               f"input:2,{','.join(str(d) for d in registry.FAMILIES[name].input_shape[1:])}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    assert report["verification"]["passed"]
+    assert report["verification"]["worst_rel_l2"] <= 1e-5
+    assert report["rules_applied"].get("merge-parallel", 0) >= 1
+    plain = onnxrep.fuse(exported[name][f"{form}-plain"], rules=[], verify=False)
+    assert Counter(report["ops_after"]) == plain.report.ops_after
+    assert "BatchNormalization" not in report["ops_after"]
+    again = onnxrep.fuse(out)
+    assert not again.report.applied, again.report.applied
+    assert again.verified
