@@ -8,6 +8,7 @@ from onnxrep.rule import Rule
 from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
 from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
 from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
+from onnxrep.rules.merge_concat import MergeConcatenatedConvs
 from onnxrep.rules.merge_parallel import MergeParallelBranches
 from onnxrep.rules.remove_residuals import MergePointwisePair, RemoveResidual
 
@@ -16,6 +17,7 @@ RULES: list[Rule] = [
     FoldChannelAffineIntoConv(),
     FoldBatchNormIntoNextConv(),
     MergeParallelBranches(),
+    MergeConcatenatedConvs(),
     # opt-in (--remove-residuals), after every merging rule:
     RemoveResidual(),
     MergePointwisePair(),
