@@ -270,3 +270,51 @@ def compose_pointwise(
     bias2 = np.zeros(m2.shape[0]) if b2 is None else f64(b2)
     w = (m2 @ m1).reshape((m2.shape[0], m1.shape[1]) + a.shape[2:])
     return w, m2 @ bias1 + bias2
+
+
+def grouped_to_full(weight: np.ndarray, group: int) -> np.ndarray:
+    """A grouped conv weight [O, I/g, *k] as the dense [O, I, *k] it stands for."""
+    w = f64(weight)
+    out_c, in_g = w.shape[:2]
+    full = np.zeros((out_c, in_g * group) + w.shape[2:])
+    per_out = out_c // group
+    for gi in range(group):
+        full[gi * per_out:(gi + 1) * per_out, gi * in_g:(gi + 1) * in_g] = w[gi * per_out:
+                                                                             (gi + 1) * per_out]
+    return full
+
+
+def full_to_grouped(full: np.ndarray, group: int) -> np.ndarray | None:
+    """The inverse of grouped_to_full, or None when `full` has weights outside the groups."""
+    out_c, in_c = full.shape[:2]
+    if out_c % group or in_c % group:
+        return None
+    per_out, per_in = out_c // group, in_c // group
+    grouped = np.zeros((out_c, per_in) + full.shape[2:])
+    mask = np.zeros(full.shape[:2], dtype=bool)
+    for gi in range(group):
+        rows, cols = slice(gi * per_out, (gi + 1) * per_out), slice(gi * per_in, (gi + 1) * per_in)
+        grouped[rows] = full[rows, cols]
+        mask[rows, cols] = True
+    if np.any(full[~mask] != 0):
+        return None
+    return grouped
+
+
+def compose_convs(
+    w1: np.ndarray, b1: np.ndarray, g1: int, w2: np.ndarray, b2: np.ndarray, g2: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """conv2(conv1(x)) as one conv when one of the two is 1x1 (RULES-SPEC §6):
+    K[o, i] = sum_d W2[o, d] * W1[d, i] (the 1x1 factor is a matrix), b = b2 + sum W2 * b1.
+    The result keeps the coarser group structure when one grouping refines the other."""
+    f1, f2 = grouped_to_full(w1, g1), grouped_to_full(w2, g2)
+    if f1.shape[2:] == (1,) * (f1.ndim - 2):  # 1x1 first: spatial from the second
+        k = np.einsum("od...,di->oi...", f2, f1.reshape(f1.shape[:2]))
+    else:  # 1x1 second
+        k = np.einsum("od,di...->oi...", f2.reshape(f2.shape[:2]), f1)
+    bias = f64(b2) + f2.reshape(f2.shape[0], f2.shape[1], -1).sum(axis=2) @ f64(b1)
+    group = g1 if g2 % g1 == 0 else (g2 if g1 % g2 == 0 else 1)
+    grouped = full_to_grouped(k, group)
+    if grouped is None:  # cannot happen for refining groupings; dense is always exact
+        group, grouped = 1, k
+    return grouped, bias, group

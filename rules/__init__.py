@@ -10,12 +10,14 @@ from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
 from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
 from onnxrep.rules.merge_concat import MergeConcatenatedConvs
 from onnxrep.rules.merge_parallel import MergeParallelBranches
+from onnxrep.rules.merge_sequential import MergeSequentialConvs
 from onnxrep.rules.remove_residuals import MergePointwisePair, RemoveResidual
 
 RULES: list[Rule] = [
     FoldBatchNormIntoProducer(),
     FoldChannelAffineIntoConv(),
     FoldBatchNormIntoNextConv(),
+    MergeSequentialConvs(),
     MergeParallelBranches(),
     MergeConcatenatedConvs(),
     # opt-in (--remove-residuals), after every merging rule:

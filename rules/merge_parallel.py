@@ -81,6 +81,9 @@ class Branch:
     pads: tuple[list[int], list[int]] = ([], [])
     reason: str = ""
     blocked_on: gs.Node | None = None  # a Conv that could not be absorbed (reason says why)
+    weight: np.ndarray | None = None  # conv branches: the kernel (an AveragePool's is 1/k^2)
+    bias: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -273,9 +276,36 @@ def _crop_amounts(node: gs.Node, spatial: int) -> list[int] | None:
     return begins + finals
 
 
+def _pool_as_depthwise(pool: gs.Node, channels: int) -> tuple[np.ndarray, dict] | None:
+    """AveragePool(k, s, pads, count_include_pad=1 or pads 0, ceil_mode=0) as the depthwise
+    conv K[c, 0] = 1/(kh*kw) (RULES-SPEC §7); None when it is not one."""
+    kernel = [int(k) for k in pool.attrs.get("kernel_shape", [])]
+    pads = [int(p) for p in pool.attrs.get("pads", [0] * 2 * len(kernel))]
+    auto = pool.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if (len(kernel) != 2 or int(pool.attrs.get("ceil_mode", 0)) or auto not in ("NOTSET", "VALID")
+            or (any(pads) and not int(pool.attrs.get("count_include_pad", 0)))):
+        return None
+    weight = np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), dtype=np.float32)
+    attrs = {"strides": [int(s) for s in pool.attrs.get("strides", [1, 1])], "pads": pads,
+             "dilations": [int(d) for d in pool.attrs.get("dilations", [1, 1])],
+             "group": channels}
+    return weight, attrs
+
+
 def _classify(graph: gs.Graph, tensor: gs.Tensor, coef: np.ndarray,
               internal: set[int]) -> Branch:
     conv = producer(tensor)
+    if (conv is not None and conv.op == "AveragePool" and len(conv.outputs) == 1
+            and not is_graph_output(graph, tensor)
+            and all(id(r) in internal for r in tensor.outputs)):
+        spec = _pool_as_depthwise(conv, len(coef))
+        if spec is not None:
+            x = conv.inputs[0]
+            spatial = len(spec[1]["pads"]) // 2
+            return Branch("conv", tensor, x, coef, conv=conv,
+                          pads=(spec[1]["pads"][:spatial], spec[1]["pads"][spatial:]),
+                          weight=spec[0], bias=np.zeros(len(coef)), attrs=spec[1])
     if conv is None or conv.op != "Conv" or len(conv.outputs) != 1:
         return Branch("identity", tensor, tensor, coef)
     reason = conv_params(conv)
@@ -292,8 +322,10 @@ def _classify(graph: gs.Graph, tensor: gs.Tensor, coef: np.ndarray,
     attrs = conv_attrs(conv)
     x, absorbed, pads = _peel_input(graph, conv, attrs["pads"])
     spatial = len(pads) // 2
+    weight, bias = conv_weight_bias(conv)
     branch = Branch("conv", tensor, x, coef, conv=conv, absorbed=absorbed,
-                    pads=(pads[:spatial], pads[spatial:]))
+                    pads=(pads[:spatial], pads[spatial:]), weight=weight,
+                    bias=np.zeros(weight.shape[0]) if bias is None else bias, attrs=attrs)
     pad = producer(x)
     if pad is not None and pad.op == "Pad":
         branch.reason = f"reads {pad.name} (Pad mode={pad.attrs.get('mode', 'constant')!s})"
@@ -318,13 +350,12 @@ def _plan_group(branches: list[Branch], channels: int) -> tuple[MergePlan | None
         return None, reasons
 
     def key(b: Branch) -> tuple:
-        a = conv_attrs(b.conv)
-        w = constant_value(b.conv.inputs[1])
+        a, w = b.attrs, b.weight
         return (tuple(a["strides"]), tuple(a["dilations"]), a["group"], w.shape[0],
                 w.shape[1] * a["group"], w.dtype.str)
 
     for b in list(convs):
-        out_c = constant_value(b.conv.inputs[1]).shape[0]
+        out_c = b.weight.shape[0]
         if out_c != channels:
             reasons.append(f"{b.label} outputs {out_c} channels, the sum has {channels}")
             convs.remove(b)
@@ -351,8 +382,10 @@ def _plan_group(branches: list[Branch], channels: int) -> tuple[MergePlan | None
             members.append(b)
     if len(members) < 2:
         return None, reasons
+    if not any(b.conv is not None and b.conv.op == "Conv" for b in members):
+        return None, reasons + ["no Conv among the branches (an AveragePool stays a pool)"]
     spatial = len(strides)
-    shapes = [tuple(constant_value(b.conv.inputs[1]).shape[2:]) if b.kind == "conv"
+    shapes = [tuple(b.weight.shape[2:]) if b.kind == "conv"
               else (1,) * spatial for b in members]
     pads = [b.pads if b.kind == "conv" else ([0] * spatial, [0] * spatial) for b in members]
     aligned = kernels.align_kernels(shapes, pads, dilations)
@@ -368,13 +401,13 @@ def _plan_group(branches: list[Branch], channels: int) -> tuple[MergePlan | None
 def _merged_weights(plan: MergePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum of embedded, scaled kernels; returns (W, b, dtype-giving weight)."""
     first_conv = next(b for b in plan.members if b.kind == "conv")
-    like = constant_value(first_conv.conv.inputs[1])
+    like = next((b.weight for b in plan.members if b.conv is not None and b.conv.op == "Conv"),
+                first_conv.weight)
     group = plan.attrs["group"]
     total_w, total_b = None, np.zeros(like.shape[0])
     for b, offset in zip(plan.members, plan.offsets, strict=True):
         if b.kind == "conv":
-            w, bias = conv_weight_bias(b.conv)
-            bias = np.zeros(w.shape[0]) if bias is None else kernels.f64(bias)
+            w, bias = b.weight, kernels.f64(b.bias)
         else:
             w, bias = kernels.identity_kernel(like.shape[0], group, len(plan.kernel)), 0.0
         w, bias = kernels.scale_conv_output(w, bias * np.ones(like.shape[0]), b.coef, 0 * b.coef)
