@@ -1,0 +1,56 @@
+"""Issue 4 end to end: DBB (BN-and-pad fills, avg branches), OREPA (kernels computed in the
+forward pass) and Inception-style concat, exported by torch in every form the exporters
+accept, through the CLI to exactly the op set of their plain export, verified."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import onnxrep
+from tests.helpers import cli
+
+pytest.importorskip("torch")
+registry = pytest.importorskip("models.registry")
+export = pytest.importorskip("models.export")
+
+FAMILIES = ["dbb", "dbb_dense", "orepa", "orepa_ts"]
+CASES = [(name, form) for name in FAMILIES for form in registry.FAMILIES[name].forms]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("dbb")
+    out: dict[str, dict[str, Path]] = {}
+    for name in FAMILIES:
+        fam = registry.FAMILIES[name]
+        out[name] = export.export_forms(
+            fam.build_train(), fam.input_shape,
+            {form: root / f"{name}-{form}.onnx" for form in fam.forms})
+        plain = export.export_forms(
+            fam.build_plain(), fam.input_shape,
+            {form: root / f"{name}-{form}-plain.onnx" for form in fam.forms})
+        out[name].update({f"{form}-plain": p for form, p in plain.items()})
+    return out
+
+
+@pytest.mark.parametrize(("name", "form"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_block_becomes_one_conv(name: str, form: str, exported: dict, tmp_path: Path) -> None:
+    src, out, rep = exported[name][form], tmp_path / "fused.onnx", tmp_path / "r.json"
+    dims = ",".join(str(d) for d in registry.FAMILIES[name].input_shape[1:])
+    start = time.perf_counter()
+    proc = cli("fuse", src, out, "--report", rep, "-q", "--input-shape", f"input:2,{dims}")
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"]
+    assert report["verification"]["worst_rel_l2"] <= 1e-5
+    plain = onnxrep.fuse(exported[name][f"{form}-plain"], rules=[], verify=False)
+    assert Counter(report["ops_after"]) == plain.report.ops_after
+    print(f"{name} {form}: {report['nodes_before']} -> {report['nodes_after']} nodes "
+          f"in {seconds:.2f} s")
+    assert not onnxrep.fuse(out).report.applied
