@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 ONNXREP ?= $(PYTHON) -m onnxrep.cli
 EXAMPLE := models/examples/repvgg_tiny.onnx
-LINTED := onnxrep rules tests models
+LINTED := onnxrep rules tests models bench
 
 .PHONY: install demo test-deps test lint bench clean
 
@@ -27,8 +27,11 @@ test: test-deps
 lint:
 	$(PYTHON) -m ruff check $(LINTED)
 
+# Benchmarks: latency of every models/ family (train / fused / plain) and conversion cost
+# against onnx load+save and onnxslim; writes bench/results.md and the README section.
 bench:
-	@if [ -f bench/run.py ]; then $(PYTHON) bench/run.py; else echo "no benchmark yet"; fi
+	$(PIP) install -e '.[bench]'
+	$(PYTHON) bench/run.py
 
 clean:
 	rm -rf out build .pytest_cache .ruff_cache *.egg-info

@@ -147,6 +147,41 @@ def verify(reference: Path, candidate: Path, rtol: float, atol: float,
 
 
 @main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("fused", type=click.Path(path_type=Path), required=False)
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--threads", type=int, multiple=True,
+              help="Thread counts (default: 1 and all cores).")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D1,D2,...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@debug_option
+@_one_line_errors
+def bench(src: Path, fused: Path | None, runs: int, warmup: int, threads: tuple[int, ...],
+          input_shape: tuple[str, ...], as_json: bool) -> int:
+    """Latency of SRC against FUSED (fused in memory from SRC when not given)."""
+    import json
+
+    from onnxrep.bench import compare_latency, render, thread_counts
+
+    shapes = parse_input_shapes(input_shape)
+    io.load(src)
+    if fused is not None:
+        io.load(fused)
+        candidate = fused
+    else:
+        candidate = api.fuse(src, input_shapes=shapes).model
+    timings = [compare_latency(src, candidate, threads=t, runs=runs, warmup=warmup,
+                               input_shapes=shapes) for t in (threads or thread_counts())]
+    if as_json:
+        click.echo(json.dumps({"source": str(src), "fused": str(fused or "<in memory>"),
+                               "timings": [t.as_dict() for t in timings]}, indent=2))
+    else:
+        click.echo(render("input", "fused", timings))
+    return 0
+
+
+@main.command()
 @debug_option
 @_one_line_errors
 def rules() -> int:

@@ -1,0 +1,138 @@
+"""The project benchmark (`make bench`): fused latency against the training form and the plain
+(deploy) reference for every models/ family, and onnxrep's conversion cost against onnx
+load+save and onnxslim on RepVGG networks of three sizes. Prints markdown, writes
+bench/results.md and the README section between the bench markers."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnx  # noqa: E402
+import onnxruntime  # noqa: E402
+import torch  # noqa: E402
+
+import onnxrep  # noqa: E402
+from models.export import export  # noqa: E402
+from models.registry import FAMILIES  # noqa: E402
+from models.repvgg import repvgg_a0, repvgg_b3, repvgg_net  # noqa: E402
+from onnxrep.bench import compare_latency  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_RUNS", "40"))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores; onnxruntime {onnxruntime.__version__}, "
+            f"onnx {onnx.__version__}, torch {torch.__version__}, onnxrep {onnxrep.__version__}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def latency_rows(tmp: Path) -> list[str]:
+    rows = ["| model | input | train ms | fused ms | plain ms | fused/train | fused/plain |",
+            "|---|---|---|---|---|---|---|"]
+    cases = [(name, fam.build_train, fam.build_plain, fam.input_shape)
+             for name, fam in FAMILIES.items()]
+    cases.append(("RepVGG-A0", repvgg_a0, lambda: repvgg_a0(deploy=True), (1, 3, 224, 224)))
+    for name, train, plain, shape in cases:
+        src, ref = tmp / f"{name}.onnx", tmp / f"{name}-plain.onnx"
+        export(train(), shape, src, "ts-unfolded")
+        export(plain(), shape, ref, "ts-unfolded")
+        fused = onnxrep.fuse(src, verify=False).model
+        vs_train = compare_latency(src, fused, threads=1, runs=RUNS)
+        vs_plain = compare_latency(ref, fused, threads=1, runs=RUNS)
+        rows.append(f"| {name} | {'x'.join(map(str, shape[1:]))} | {vs_train.median_ms_a:.3f} | "
+                    f"{vs_train.median_ms_b:.3f} | {vs_plain.median_ms_a:.3f} | "
+                    f"{vs_train.ratio:.2f} | {vs_plain.ratio:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def measure(mode: str, src: Path, tmp: Path) -> dict:
+    dst = tmp / f"out-{mode}.onnx"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "measure.py"), mode, str(src),
+                           str(dst)], capture_output=True, text=True, check=False)
+    for leftover in tmp.glob("out-*"):
+        leftover.unlink()
+    if proc.returncode != 0:
+        return {"mode": mode, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def conversion_rows(tmp: Path) -> list[str]:
+    rows = ["| model | params | file | load+save s / MB | fuse --no-verify s / MB | "
+            "fuse s / MB | onnxslim s / MB | no-verify vs load+save (time, memory) |",
+            "|---|---|---|---|---|---|---|---|"]
+    sizes = [("RepVGG-A0", repvgg_a0),
+             ("RepVGG-B3/2 depth", lambda: repvgg_net((64, 192, 384, 768, 2560), (1, 2, 3, 8, 1),
+                                                      groups=4)),
+             ("RepVGG-B3", repvgg_b3)]
+    for name, build in sizes:
+        model = build()
+        params = sum(p.numel() for p in model.parameters())
+        forms = [("single file", "ts-unfolded")]
+        if name == "RepVGG-B3":
+            forms.append(("external data", "dynamo-noopt"))
+        for label, form in forms:
+            src = tmp / f"{name.replace('/', '_')}-{form}.onnx"
+            export(model, (1, 3, 224, 224), src, form)
+            res = {m: measure(m, src, tmp) for m in ("loadsave", "fuse-noverify", "fuse",
+                                                    "onnxslim")}
+
+            def cell(r: dict) -> str:
+                return r.get("error", f"{r.get('seconds', 0):.1f} / {r.get('peak_mb', 0):.0f}")
+
+            base, ours = res["loadsave"], res["fuse-noverify"]
+            ratio = (f"{ours['seconds'] / base['seconds']:.2f}x, "
+                     f"{ours['peak_mb'] / base['peak_mb']:.2f}x"
+                     if "error" not in base and "error" not in ours else "-")
+            rows.append(f"| {name} | {params / 1e6:.1f}M | {label} | {cell(base)} | {cell(ours)} | "
+                        f"{cell(res['fuse'])} | {cell(res['onnxslim'])} | {ratio} |")
+            print(rows[-1], flush=True)
+            for f in tmp.glob(src.name + "*"):
+                f.unlink()
+    return rows
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        head = f"Measured on {machine()}."
+        print(head)
+        lat = latency_rows(tmp)
+        conv = conversion_rows(tmp)
+    text = "\n".join([
+        head, "",
+        "**Inference latency** (onnxruntime CPU, graph optimizations on, 1 thread, medians of "
+        f"{RUNS} alternating runs; train = TorchScript export with do_constant_folding=False):",
+        "", *lat, "",
+        "**Conversion cost** (fresh process each; wall seconds / peak RSS MB; 224x224 input "
+        "for verification):", "", *conv, ""])
+    (ROOT / "bench" / "results.md").write_text(text + "\n")
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in content and end in content:
+        before, rest = content.split(start, 1)
+        after = rest.split(end, 1)[1]
+        readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+
+
+if __name__ == "__main__":
+    main()
