@@ -13,6 +13,17 @@ import time
 from pathlib import Path
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (new with exec; getrusage's maxrss is inherited from the parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     mode, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     external = (src.parent / (src.name + ".data")).exists()
@@ -38,7 +49,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     print(json.dumps({"mode": mode, "seconds": seconds, "peak_mb": peak_mb}))
 
 

@@ -81,9 +81,13 @@ def run(
                         f"internal error in rule {rule.id} rewriting {node.name}: "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
-                graph.cleanup().toposort()
+                # cleanup drops the retired nodes at once (a dead reader would look like a
+                # second consumer to the next match); ordering waits for the end of the pass
+                graph.cleanup()
                 alive = {id(n) for n in graph.nodes}
                 fired[rule.id] += 1
+            if fired[rule.id]:
+                graph.toposort()
         result.misses = misses
         if not fired:
             return result

@@ -108,6 +108,28 @@ def _fill_region(t: gs.Tensor, u: gs.Tensor) -> tuple[list, list, list] | str:
     return list(region.values()), list(shape_sources.values()), inside
 
 
+def _ordered(nodes: list[gs.Node]) -> list[gs.Node]:
+    """The nodes in an order where producers come first (the engine sorts the whole graph
+    only at the end of a pass)."""
+    inside = {id(n): n for n in nodes}
+    done: set[int] = set()
+    order: list[gs.Node] = []
+
+    def visit(node: gs.Node) -> None:
+        if id(node) in done:
+            return
+        done.add(id(node))
+        for tensor in node.inputs:
+            p = producer(tensor)
+            if p is not None and id(p) in inside:
+                visit(p)
+        order.append(node)
+
+    for node in nodes:
+        visit(node)
+    return order
+
+
 def _taint_reason(t: gs.Tensor, region: list[gs.Node], order: list[gs.Node]) -> str | None:
     """t's values may only move (never be computed on, compared, or used as an index)."""
     tainted = {id(t)}
@@ -281,7 +303,7 @@ class MergeSequentialConvs:
                 return [f"{first.name} is not a stride-1 pad-0 1x1 conv before a border fill"]
             if any(a2["pads"]):
                 return [f"{second.name} pads {a2['pads']} after the fill: zero pad is not b1"]
-            order = [n for n in graph.nodes if id(n) in {id(r) for r in m["region"]}]
+            order = _ordered(m["region"])
             reason = _taint_reason(m["t"], m["region"], order)
             if reason:
                 return [reason]
