@@ -57,7 +57,7 @@ def latency_rows(tmp: Path) -> list[str]:
         src, ref = tmp / f"{name}.onnx", tmp / f"{name}-plain.onnx"
         export(train(), shape, src, form)
         export(plain(), shape, ref, form)
-        fused = onnxrep.fuse(src, verify=False, remove_residuals=name in RM_FAMILIES).model
+        fused = onnxrep.fuse(src, verify=False, remove_residuals=name in RM_FAMILIES).fused
         vs_train = compare_latency(src, fused, threads=1, runs=RUNS)
         vs_plain = compare_latency(ref, fused, threads=1, runs=RUNS)
         rows.append(f"| {name} | {'x'.join(map(str, shape[1:]))} | {vs_train.median_ms_a:.3f} | "

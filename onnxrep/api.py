@@ -3,10 +3,12 @@ caller's (the CLI writes atomically, and only after verification passed)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import onnx
@@ -24,9 +26,14 @@ __version__ = "0.1.0"
 
 @dataclass
 class Result:
-    model: onnx.ModelProto
+    fused: io.SplitModel  # the structure, and the large weights as arrays beside it
     report: Report
     external_data: bool  # the input kept its weights in an external data file
+
+    @cached_property
+    def model(self) -> onnx.ModelProto:
+        """The fused model as one ModelProto (built on first use: a copy of every weight)."""
+        return self.fused.materialize()
 
     @property
     def verified(self) -> bool:
@@ -75,35 +82,46 @@ def fuse(
     start = time.perf_counter()
     if isinstance(model, onnx.ModelProto):
         io.check(model)
-        loaded = io.LoadedModel(model=model, path=None, external_data=False)
+        source, path, external = model, None, False
     else:
         loaded = io.load(model)
-    source = loaded.model
+        source, path, external = loaded.model, loaded.path, loaded.external_data
+        del loaded
     chosen = select_rules(rules, skip, remove_residuals)
     report = Report(
         version=__version__,
-        source=str(loaded.path) if loaded.path else "<model>",
+        source=str(path) if path else "<model>",
         ops_before=op_counts(source),
         params_before=parameter_count(source),
     )
+    macs_before = macs(source, input_shapes) if remove_residuals else None
+    header = io.header_of(source)
     graph = graph_mod.normalize(source)
+    reference: onnx.ModelProto | Path = source
+    if path is not None:
+        # The file is the verification reference: hold the weights once, as arrays, and let
+        # the loaded proto go (for a 0.5 GB model, 0.5 GB less at the peak).
+        graph_mod.load_weights(graph)
+        reference = path
+        del source
+        gc.collect()  # gs's import leaves reference cycles that still point into the proto
     result = engine.run(graph, chosen)
-    fused = graph_mod.export(graph, like=source)
+    fused = graph_mod.export(graph, like=header)
+    del graph
     report.applied, report.misses = result.applied, result.misses
-    report.ops_after = op_counts(fused)
-    report.params_after = parameter_count(fused)
+    report.ops_after = op_counts(fused.proto)
+    report.params_after = parameter_count(fused.proto)
     if remove_residuals:  # RM widens convs: show what it costs
-        before, after = macs(source, input_shapes), macs(fused, input_shapes)
-        if before is not None and after is not None:
-            report.extra["macs"] = {"before": before, "after": after}
+        after = macs(fused.proto, input_shapes)
+        if macs_before is not None and after is not None:
+            report.extra["macs"] = {"before": macs_before, "after": after}
     if verify:
-        reference = loaded.path if loaded.path is not None else source
         report.verification = run_verification(
             reference, fused, input_shapes=input_shapes, rtol=rtol, atol=atol
         )
     report.seconds = time.perf_counter() - start
-    stamp(fused, report)
-    return Result(model=fused, report=report, external_data=loaded.external_data)
+    stamp(fused.proto, report)
+    return Result(fused=fused, report=report, external_data=external)
 
 
 def write(result: Result, destination: str | os.PathLike[str], source: Path | None = None,
@@ -112,4 +130,4 @@ def write(result: Result, destination: str | os.PathLike[str], source: Path | No
     dst = Path(destination)
     io.check_destination(source, dst, force)
     result.report.destination = str(dst)
-    return io.save_atomic(result.model, dst, external_data=result.external_data)
+    return io.save_atomic(result.fused, dst, external_data=result.external_data)

@@ -170,7 +170,7 @@ def bench(src: Path, fused: Path | None, runs: int, warmup: int, threads: tuple[
         io.load(fused)
         candidate = fused
     else:
-        candidate = api.fuse(src, input_shapes=shapes).model
+        candidate = api.fuse(src, input_shapes=shapes).fused
     timings = [compare_latency(src, candidate, threads=t, runs=runs, warmup=warmup,
                                input_shapes=shapes) for t in (threads or thread_counts())]
     if as_json:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep.errors import OnnxrepError, RulesDidNotConverge
@@ -42,6 +43,24 @@ def escaping_tensors(graph: gs.Graph, match: Match) -> str | None:
                 if id(reader) not in inside:
                     return f"{tensor.name} (inside the match) is also read by {reader.name}"
     return None
+
+
+def _weights_read_by(nodes: Sequence[gs.Node]) -> list[gs.Constant]:
+    return [t for n in nodes for t in n.inputs if isinstance(t, gs.Constant)]
+
+
+def _release_dead(graph: gs.Graph, weights: list[gs.Constant]) -> None:
+    """Free the arrays of weights that a rewrite left without readers, now: a gs tensor sits
+    in a reference cycle with its own input/output lists, so it would otherwise wait for
+    Python's cycle collector, and a 0.5 GB model would hold old and new weights at once."""
+    for tensor in weights:
+        if tensor.outputs or is_graph_output(graph, tensor):
+            continue
+        try:
+            dtype = np.dtype(tensor.dtype)
+        except TypeError:
+            continue  # still an unread proto (a type numpy lacks): nothing big to free
+        tensor.values = np.zeros((0,), dtype=dtype)
 
 
 def run(
@@ -74,6 +93,7 @@ def run(
                 if reasons:
                     misses.extend(Miss(rule.id, node.name, r) for r in reasons)
                     continue
+                weights = _weights_read_by(match.nodes)
                 try:
                     result.applied.append(rule.rewrite(graph, match))
                 except Exception as exc:  # the graph may be half-rewritten: stop here
@@ -84,6 +104,7 @@ def run(
                 # cleanup drops the retired nodes at once (a dead reader would look like a
                 # second consumer to the next match); ordering waits for the end of the pass
                 graph.cleanup()
+                _release_dead(graph, weights)
                 alive = {id(n) for n in graph.nodes}
                 fired[rule.id] += 1
             if fired[rule.id]:

@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnxrep.io import SplitModel, has_data, payload_bytes
 from onnxrep.surgery import bypass, constant_value
 
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -42,7 +43,7 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     light.graph.output.extend(graph.output)
     input_names = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) > _LIGHT_BYTES:
+        if payload_bytes(tensor) > _LIGHT_BYTES or not has_data(tensor):
             # A large weight enters as a typed graph input: its dims, not its bytes.
             if tensor.name not in input_names:
                 light.graph.input.append(
@@ -95,11 +96,30 @@ def castlike_to_cast(graph: gs.Graph) -> None:
         node.attrs = {"to": int(to)}
 
 
+def fold_shapes_of_weights(graph: gs.Graph) -> None:
+    """Shape(weight) -> the weight's dims. onnx-graphsurgeon leaves a Shape of a constant to
+    its onnxruntime pass, which then serializes the weight itself: for the dynamo exporter's
+    Shape(W) -> Expand zero biases, a copy of every weight (seconds and GB on a large model).
+    Slicing the dims list is the operator's start/end rule (negative counts from the end,
+    out of range clamps)."""
+    for node in graph.nodes:
+        if (node.op != "Shape" or len(node.inputs) != 1 or len(node.outputs) != 1
+                or not isinstance(node.inputs[0], gs.Constant)):
+            continue
+        dims = list(node.inputs[0].shape)
+        start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+        value = np.array(dims[start:None if end is None else int(end)], dtype=np.int64)
+        out = node.outputs[0]
+        node.outputs.clear()
+        out.to_constant(value)
+
+
 def fold_constants(graph: gs.Graph) -> None:
     """Repeat onnx-graphsurgeon's folding until the node count stops falling."""
     for _ in range(_MAX_FOLD_ROUNDS):
         before = len(graph.nodes)
         castlike_to_cast(graph)
+        fold_shapes_of_weights(graph)
         graph.fold_constants(fold_shapes=True, error_ok=True)
         graph.cleanup().toposort()
         if len(graph.nodes) >= before:
@@ -173,10 +193,74 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+_DETACH_BYTES = 1024  # weights from this size on travel as arrays beside the proto
+
+
+def _plain_weight(tensor: gs.Constant) -> np.ndarray | None:
+    """The values of a constant that can be written as raw little-endian bytes of its own
+    dtype (not bfloat16/float8 or strings, not re-typed on export), if large enough."""
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError:
+        return None  # an ONNX type numpy does not have: leave it to the exporter
+    if dtype.kind not in "fiub" or tensor.export_dtype != tensor.dtype:
+        return None
+    values = tensor.values
+    if not isinstance(values, np.ndarray) or values.nbytes < _DETACH_BYTES:
+        return None
+    return values
+
+
+_RAW_TYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).newbyteorder("<") for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
+
+
+def _detach(tensor: gs.Constant) -> None:
+    """Give a constant values of its own, so that nothing refers into the imported proto
+    (with protobuf's upb backend one reference to a part keeps the whole message alive)."""
+    lazy = tensor._values  # gs keeps the imported TensorProto here until the first read
+    if not isinstance(lazy, gs.ir.tensor.LazyValues):
+        return
+    proto = lazy.tensor
+    dtype = _RAW_TYPES.get(proto.data_type)
+    if dtype is not None and proto.HasField("raw_data"):
+        # One copy of the bytes, read-only: a rule writes new arrays, it never edits weights
+        tensor.values = np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
+    elif dtype is not None:
+        tensor.values = lazy.load()  # typed fields (small tensors): gs's own conversion
+    else:  # a type numpy lacks (bfloat16, float8, ...): keep it as a proto, a copy of it
+        own = onnx.TensorProto()
+        own.CopyFrom(proto)
+        tensor.values = gs.ir.tensor.LazyValues(own)
+
+
+def load_weights(graph: gs.Graph) -> None:
+    """Read every weight into numpy now, so that the imported proto can be let go."""
+    if graph.import_domains is not None:  # gs keeps the model's own opset_import container
+        graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version)
+                                for d in graph.import_domains]
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            _detach(tensor)
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Constant):
+                _detach(value)
+
+
+def _has_subgraphs(graph: gs.Graph) -> bool:
+    return any(isinstance(v, gs.Graph) for n in graph.nodes for v in n.attrs.values())
+
+
+def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
     """Export a graph keeping the input model's IR version, opsets and model fields.
 
-    Intermediate shapes are dropped and inferred again: rewrites leave stale value_info.
+    The large weights stay numpy arrays beside the proto (see SplitModel): the exporter sees
+    them as data-less tensors, and no copy of their bytes is made. Intermediate shapes are
+    dropped and inferred again: rewrites leave stale value_info.
     """
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and not any(
@@ -184,7 +268,24 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         ):
             tensor.shape = None
             tensor.dtype = None
-    model = gs.export_onnx(graph, do_type_check=False)
+    weights: dict[str, np.ndarray] = {}
+    held: list[tuple[gs.Constant, np.ndarray]] = []
+    if not _has_subgraphs(graph):  # a subgraph may copy an outer weight into its own scope
+        for tensor in graph.tensors().values():
+            values = _plain_weight(tensor) if isinstance(tensor, gs.Constant) else None
+            if values is None:
+                continue
+            placeholder = onnx.TensorProto(
+                name=tensor.name, dims=values.shape,
+                data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+            weights[tensor.name] = values
+            held.append((tensor, values))
+            tensor.values = gs.ir.tensor.LazyValues(placeholder)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in held:
+            tensor.values = values
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
@@ -196,4 +297,4 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.functions.extend(like.functions)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred_value_info(model))
-    return model
+    return SplitModel(model, weights)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io as io_module
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper as edh
 
 from onnxrep.errors import OnnxrepError
@@ -84,34 +86,44 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
 
 
 def check(model: onnx.ModelProto, what: str = "model") -> None:
-    """The onnx checker, with its verdict on one line (large models are checked without data)."""
+    """The onnx checker, with its verdict on one line. It runs on a copy without the weights'
+    bytes: the checker serializes what it is given, and sizes are checked on load instead."""
     try:
-        if tensor_bytes(model) < TWO_GB:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(_without_data(model))
+        onnx.checker.check_model(_without_data(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise OnnxrepError(f"{what}: invalid ONNX model: {_first_line(exc)}") from exc
 
 
+def _copy_fields(dst: Message, src: Message, skip: str) -> None:
+    """Copy every set field of `src` but one into `dst` (a shallow structural copy)."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = getattr(fd, "is_repeated", None)  # protobuf >= 5.28; `label` before
+        if repeated if repeated is not None else fd.label == fd.LABEL_REPEATED:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its graph: IR version, opsets, producer, metadata, functions."""
+    header = onnx.ModelProto()
+    _copy_fields(header, model, skip="graph")
+    return header
+
+
 def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for tensor in light.graph.initializer:
-        tensor.ClearField("raw_data")
-        tensor.ClearField("float_data")
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
-        tensor.ClearField("dims")
-    return light
-
-
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by initializers (raw or typed fields)."""
-    total = 0
+    """The model with every initializer reduced to its name and type, as an empty tensor (the
+    checker accepts no value field for zero elements), built without copying a byte of
+    weight data."""
+    light = header_of(model)
+    _copy_fields(light.graph, model.graph, skip="initializer")
     for tensor in model.graph.initializer:
-        total += len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
-    return total
+        light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=[0])
+    return light
 
 
 def check_destination(src: Path | None, dst: Path, force: bool) -> None:
@@ -131,32 +143,185 @@ def _umask() -> int:
     return current
 
 
+def payload_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's size in bytes from its dims and type (reading raw_data would copy it)."""
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+                 "uint64_data", "external_data")
+
+
+def has_data(tensor: onnx.TensorProto) -> bool:
+    """Does the proto carry the tensor's values (raw, typed or external)? A SplitModel's
+    placeholders do not."""
+    return (tensor.HasField("raw_data") or any(len(getattr(tensor, f)) for f in _VALUE_FIELDS)
+            or int(np.prod(tensor.dims, dtype=np.int64)) == 0)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by initializers."""
+    return sum(payload_bytes(t) for t in model.graph.initializer)
+
+
+@dataclass
+class SplitModel:
+    """A model whose large weights are numpy arrays beside a proto that names them (name, type
+    and dims, no bytes). It is written and verified without ever building the full proto:
+    for a 0.5 GB model that saves a copy of every weight in time and in memory."""
+
+    proto: onnx.ModelProto
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.proto)
+
+    def materialize(self) -> onnx.ModelProto:
+        """The complete ModelProto (a copy; for API users and tests)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.proto)
+        for tensor in model.graph.initializer:
+            if tensor.name in self.weights:
+                tensor.raw_data = _raw(self.weights[tensor.name]).tobytes()
+        return model
+
+
+def _raw(array: np.ndarray) -> np.ndarray:
+    """The array as ONNX raw_data lays it out: C order, little-endian."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _tag(message: type[Message], name: str) -> bytes:
+    """The key of a length-delimited field (wire type 2)."""
+    return _varint(message.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+
+
+_GRAPH = _tag(onnx.ModelProto, "graph")
+_INITIALIZER = _tag(onnx.GraphProto, "initializer")
+_RAW_DATA = _tag(onnx.TensorProto, "raw_data")
+
+
+def _delimited(tag: bytes, length: int) -> bytes:
+    return tag + _varint(length)
+
+
+def write_single_file(model: SplitModel, out: BinaryIO) -> None:
+    """Serialize `model` as one protobuf message, streaming each weight's bytes from its
+    array: no serialized copy of the whole model is ever held. Fields may come in any order
+    on the wire, so the initializers follow the rest of the graph, and each weight's raw_data
+    follows the tensor's other fields; every field occurs once, with its exact length."""
+    out.write(header_of(model.proto).SerializeToString())
+    graph = onnx.GraphProto()
+    _copy_fields(graph, model.proto.graph, skip="initializer")
+    body = graph.SerializeToString()
+    tensors: list[tuple[bytes, np.ndarray | None]] = []
+    graph_length = len(body)
+    for tensor in model.proto.graph.initializer:
+        array = model.weights.get(tensor.name)
+        fields = tensor.SerializeToString()
+        if array is None:
+            framed = _delimited(_INITIALIZER, len(fields)) + fields
+            tensors.append((framed, None))
+            graph_length += len(framed)
+            continue
+        array = _raw(array)
+        raw_prefix = _delimited(_RAW_DATA, array.nbytes)
+        length = len(fields) + len(raw_prefix) + array.nbytes
+        framed = _delimited(_INITIALIZER, length) + fields + raw_prefix
+        tensors.append((framed, array))
+        graph_length += len(framed) + array.nbytes
+    out.write(_delimited(_GRAPH, graph_length))
+    out.write(body)
+    for framed, array in tensors:
+        out.write(framed)
+        if array is not None:
+            out.write(memoryview(array.reshape(-1)).cast("B"))
+
+
+_ALIGN_FROM = 1 << 20  # tensors this large start on a 64 KiB boundary (mmap-friendly)
+_ALIGNMENT = 1 << 16
+
+
+def write_external(model: SplitModel, out: BinaryIO, data: BinaryIO, location: str) -> None:
+    """Weights of 256 bytes and more go to `data` (`location` relative to the model file),
+    the rest, and the structure, to `out`."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)  # weights are not in it; a raw_data tensor stays small or moves
+    for tensor in proto.graph.initializer:
+        array = model.weights.get(tensor.name)
+        if array is not None:
+            payload = memoryview(_raw(array).reshape(-1)).cast("B")
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_THRESHOLD:
+            payload = memoryview(tensor.raw_data)
+        else:
+            continue
+        offset = data.tell()
+        if payload.nbytes >= _ALIGN_FROM and offset % _ALIGNMENT:
+            data.write(b"\0" * (_ALIGNMENT - offset % _ALIGNMENT))
+            offset = data.tell()
+        data.write(payload)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", payload.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+    out.write(proto.SerializeToString())
+
+
+def serialize(model: onnx.ModelProto | SplitModel) -> bytes:
+    """The model as one protobuf message in memory (under 2 GB)."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    buffer = io_module.BytesIO()
+    write_single_file(model, buffer)
+    return buffer.getvalue()
+
+
 def save_atomic(
-    model: onnx.ModelProto, dst: str | os.PathLike[str], external_data: bool
+    model: onnx.ModelProto | SplitModel, dst: str | os.PathLike[str], external_data: bool
 ) -> list[Path]:
     """Write `model` to `dst` through a temp folder beside it, then rename into place.
 
     With external data the weights go to `<dst name>.data`; the data file is moved first so
-    that a reader never sees a model whose data file is missing. Note that onnx moves the
-    tensors' bytes out of `model` while it writes them: pass a copy if you need it after.
+    that a reader never sees a model whose data file is missing. Past 2 GB (protobuf's limit)
+    the weights go to external data whatever was asked.
     """
+    split = model if isinstance(model, SplitModel) else SplitModel(model)
     dst = Path(dst)
-    external_data = external_data or tensor_bytes(model) >= TWO_GB
+    external_data = external_data or split.nbytes >= TWO_GB
     tmp = Path(tempfile.mkdtemp(prefix=".onnxrep-", dir=dst.parent))
     written: list[Path] = []
     try:
         tmp_model = tmp / dst.name
         data_name = dst.name + ".data"
-        if external_data:
-            # Mark tensors ourselves: onnx's save_model(save_as_external_data=True) refuses
-            # when a file named like `location` exists in the current working directory.
-            for tensor in model.graph.initializer:
-                if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_THRESHOLD:
-                    edh.set_external_data(tensor, data_name)
-        onnx.save_model(model, str(tmp_model))
+        with open(tmp_model, "wb") as out:
+            if external_data:
+                with open(tmp / data_name, "wb") as data:
+                    write_external(split, out, data, data_name)
+                if (tmp / data_name).stat().st_size == 0:
+                    (tmp / data_name).unlink()  # nothing was large enough to move
+            else:
+                write_single_file(split, out)
         mode = 0o666 & ~_umask()
         for written_file in tmp.iterdir():
-            os.chmod(written_file, mode)  # onnx writes data files 0600; match a normal file
+            os.chmod(written_file, mode)
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, dst.parent / data_name)
             written.append(dst.parent / data_name)

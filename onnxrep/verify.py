@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxrep.errors import OnnxrepError
-from onnxrep.io import TWO_GB, tensor_bytes
+from onnxrep.io import TWO_GB, SplitModel, save_atomic, serialize
 
 ort.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are not ours to print
 
@@ -51,7 +51,7 @@ class Verification:
         return asdict(self) | {"worst_rel_l2": self.worst_rel_l2}
 
 
-ModelRef = onnx.ModelProto | str | os.PathLike
+ModelRef = onnx.ModelProto | SplitModel | str | os.PathLike
 
 
 def session(model: ModelRef, threads: int = 0, optimize: bool = False) -> ort.InferenceSession:
@@ -67,13 +67,13 @@ def session(model: ModelRef, threads: int = 0, optimize: bool = False) -> ort.In
         options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     try:
-        if isinstance(model, onnx.ModelProto):
-            if tensor_bytes(model) < TWO_GB:
-                return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        if isinstance(model, onnx.ModelProto | SplitModel):
+            split = model if isinstance(model, SplitModel) else SplitModel(model)
+            if split.nbytes < TWO_GB:
+                return ort.InferenceSession(serialize(split), options, providers=providers)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True,
-                                location="model.onnx.data")
+                save_atomic(split, path, external_data=True)
                 return ort.InferenceSession(str(path), options, providers=providers)
         return ort.InferenceSession(str(model), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; one line for users

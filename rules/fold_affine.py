@@ -78,10 +78,9 @@ class FoldChannelAffineIntoConv:
             "Sub": (ones, -vec) if side == 0 else (-ones, vec),
         }[op.op]
         weight, bias = conv_weight_bias(conv)
-        w, b = kernels.scale_conv_output(weight, bias, a, c)
+        w, b = kernels.scale_conv_output_as(weight, bias, a, c)
         x, name, attrs = conv.inputs[0], conv.name, dict(conv.attrs)
         why = f"{op.op} {op.name} folded into {conv.name}"
         removed = retire(m.nodes)
-        new = replace_with_conv(graph, name, x, m.output, kernels.cast_like(w, weight),
-                                kernels.cast_like(b, weight), attrs)
+        new = replace_with_conv(graph, name, x, m.output, w, b, attrs)
         return Applied(self.id, removed, [new.name], why)

@@ -168,12 +168,12 @@ class FoldBatchNormIntoProducer:
             x, name, attrs = node.inputs[0], node.name, dict(node.attrs)
             removed = retire(m.nodes)
             if kind == "Conv":
-                w, b = kernels.scale_conv_output(weight, bias, a, c)
+                w, b = kernels.scale_conv_output_as(weight, bias, a, c)
             else:
                 group = int(node.attrs.get("group", 1))
                 w, b = kernels.scale_conv_transpose_output(weight, bias, a, c, group)
-            new = replace_with_conv(graph, name, x, out, kernels.cast_like(w, weight),
-                                    kernels.cast_like(b, weight), attrs, op=kind)
+                w, b = kernels.cast_like(w, weight), kernels.cast_like(b, weight)
+            new = replace_with_conv(graph, name, x, out, w, b, attrs, op=kind)
             added = [new.name]
         elif kind == "Gemm":
             removed, added = self._rewrite_gemm(graph, m)

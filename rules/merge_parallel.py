@@ -399,22 +399,28 @@ def _plan_group(branches: list[Branch], channels: int) -> tuple[MergePlan | None
 
 
 def _merged_weights(plan: MergePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum of embedded, scaled kernels; returns (W, b, dtype-giving weight)."""
+    """Sum of embedded, scaled kernels, cast to the dtype of the first Conv's weight, and the
+    float64 bias; returns (W, b, dtype-giving weight)."""
     first_conv = next(b for b in plan.members if b.kind == "conv")
     like = next((b.weight for b in plan.members if b.conv is not None and b.conv.op == "Conv"),
                 first_conv.weight)
-    group = plan.attrs["group"]
-    total_w, total_b = None, np.zeros(like.shape[0])
-    for b, offset in zip(plan.members, plan.offsets, strict=True):
-        if b.kind == "conv":
-            w, bias = b.weight, kernels.f64(b.bias)
-        else:
-            w, bias = kernels.identity_kernel(like.shape[0], group, len(plan.kernel)), 0.0
-        w, bias = kernels.scale_conv_output(w, bias * np.ones(like.shape[0]), b.coef, 0 * b.coef)
-        w = kernels.embed_kernel(w, plan.kernel, offset)
-        total_w = w if total_w is None else total_w + w
-        total_b = total_b + bias
-    return total_w, total_b, like
+    channels, group, spatial = like.shape[0], plan.attrs["group"], len(plan.kernel)
+    total_b = np.zeros(channels)
+    for b in plan.members:
+        total_b = total_b + kernels.scale_bias(b.bias if b.kind == "conv" else None, b.coef,
+                                               np.zeros(channels))
+
+    def rows_of(rows: slice) -> np.ndarray:
+        total = None
+        for b, offset in zip(plan.members, plan.offsets, strict=True):
+            w = (b.weight[rows] if b.kind == "conv"
+                 else kernels.identity_kernel(channels, group, spatial, rows))
+            w = kernels.embed_kernel(kernels.scale_conv_weight(w, b.coef[rows]), plan.kernel,
+                                     offset)
+            total = w if total is None else total + w
+        return total
+
+    return kernels.by_output_rows(channels, rows_of, like.dtype), total_b, like
 
 
 def _feeds_larger_sum(graph: gs.Graph, node: gs.Node) -> bool:

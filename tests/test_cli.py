@@ -214,13 +214,12 @@ def test_no_verify_is_recorded(model_path: Path, tmp_path: Path) -> None:
 
 @pytest.fixture
 def wrong_bias(monkeypatch: pytest.MonkeyPatch) -> None:
-    honest = kernels.scale_conv_output
+    honest = kernels.scale_bias
 
-    def off_by_a_little(weight, bias, a, c):  # noqa: ANN001, ANN202
-        w, b = honest(weight, bias, a, c)
-        return w, b + 1e-3
+    def off_by_a_little(bias, a, c):  # noqa: ANN001, ANN202
+        return honest(bias, a, c) + 1e-3
 
-    monkeypatch.setattr(kernels, "scale_conv_output", off_by_a_little)
+    monkeypatch.setattr(kernels, "scale_bias", off_by_a_little)
 
 
 def test_verification_failure_writes_nothing(model_path: Path, tmp_path: Path,
