@@ -1,0 +1,207 @@
+"""The low-copy path: SplitModel (weights as arrays beside a data-less proto) written as one
+file or with external data, the blockwise float64 math, the loaded proto let go, and
+Shape(weight) folded without onnxruntime."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from helpers import bn, chain, const, conv, make_model, node, rand, run
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxrep import graph as graph_mod
+from onnxrep import io, kernels
+from onnxrep.api import fuse
+
+
+def conv_bn_model() -> onnx.ModelProto:
+    """Conv -> BN -> Add(x): a large weight and small per-channel vectors."""
+    nodes, inits = chain(conv("c", "x", rand(16, 16, 3, 3), rand(16, seed=2), pads=[1] * 4),
+                         bn("bn", "c_out", 16))
+    nodes.append(node("Add", ["bn_out", "x"], ["y"], "add"))
+    return make_model(nodes, [("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])], inits)
+
+
+def odd_type_model() -> onnx.ModelProto:
+    """A large float weight beside a bfloat16 one (a type numpy lacks: it must travel inside
+    the proto, bytes untouched)."""
+    bf16 = helper.make_tensor("odd", TensorProto.BFLOAT16, [300], np.linspace(-3, 3, 300))
+    return make_model([node("Add", ["x", "w"], ["y"], "add"),
+                       node("Concat", ["odd", "b"], ["z"], "concat", axis=0)],
+                      [("x", [300]), ("b", [2], TensorProto.BFLOAT16)],
+                      [("y", [300]), ("z", [302], TensorProto.BFLOAT16)],
+                      [const("w", rand(300)), bf16])
+
+
+def split_of(model: onnx.ModelProto) -> io.SplitModel:
+    graph = graph_mod.normalize(model)
+    graph_mod.load_weights(graph)
+    return graph_mod.export(graph, like=io.header_of(model))
+
+
+def test_split_export_keeps_large_weights_out_of_the_proto() -> None:
+    split = split_of(conv_bn_model())
+    assert set(split.weights) == {"c.W"}  # 16x16x3x3 float32; 64-byte vectors stay inline
+    placeholder = next(t for t in split.proto.graph.initializer if t.name == "c.W")
+    assert list(placeholder.dims) == [16, 16, 3, 3] and not io.has_data(placeholder)
+    assert split.nbytes == io.tensor_bytes(split.materialize())
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_type_numpy_lacks_travels_in_the_proto(tmp_path: Path, external: bool) -> None:
+    model = odd_type_model()
+    split = split_of(model)
+    assert set(split.weights) == {"w"}
+    io.save_atomic(split, tmp_path / "m.onnx", external_data=external)
+    loaded = {t.name: t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    original = {t.name: t for t in model.graph.initializer}
+    assert loaded["odd"].data_type == TensorProto.BFLOAT16
+    assert numpy_helper.to_array(loaded["odd"]).tobytes() == \
+        numpy_helper.to_array(original["odd"]).tobytes()
+    assert np.array_equal(numpy_helper.to_array(loaded["w"]), numpy_helper.to_array(original["w"]))
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_written_file_is_the_materialized_model(tmp_path: Path, external: bool) -> None:
+    model = conv_bn_model()
+    split = split_of(model)
+    out = tmp_path / "m.onnx"
+    written = io.save_atomic(split, out, external_data=external)
+    assert written == ([out, tmp_path / "m.onnx.data"] if external else [out])
+    loaded = onnx.load(str(out))
+    onnx.checker.check_model(loaded)
+    expected = split.materialize()
+    got = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    want = {t.name: numpy_helper.to_array(t) for t in expected.graph.initializer}
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name])
+    assert list(loaded.graph.node) == list(expected.graph.node)
+    assert loaded.opset_import == expected.opset_import
+    x = rand(1, 16, 8, 8, seed=5)
+    for a, b in zip(run(model, {"x": x}), run(loaded, {"x": x}), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if external:  # the big weight moved out, the small ones stayed in the model file
+        location = {t.name: t.data_location for t in onnx.load(str(out), load_external_data=False)
+                    .graph.initializer}
+        assert location.pop("c.W") == TensorProto.EXTERNAL
+        assert location and set(location.values()) == {TensorProto.DEFAULT}
+
+
+def test_single_file_matches_protobuf_serialization_byte_for_byte_in_content() -> None:
+    """The streamed message parses to exactly the proto onnx would have serialized."""
+    split = split_of(conv_bn_model())
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(io.serialize(split))
+    assert parsed == split.materialize()
+
+
+def test_large_weights_are_aligned_in_external_data(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(io, "_ALIGN_FROM", 1000)
+    monkeypatch.setattr(io, "_ALIGNMENT", 4096)
+    split = io.SplitModel(make_model(
+        [node("Add", ["x", "a"], ["t"], "a1"), node("Add", ["t", "b"], ["y"], "a2")],
+        [("x", [300])], [("y", [300])], [const("a", rand(300)), const("b", rand(300, seed=1))]))
+    io.save_atomic(split, tmp_path / "m.onnx", external_data=True)
+    light = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset"))
+               for t in light.graph.initializer]
+    assert offsets == [0, 4096]
+    x = rand(300, seed=3)
+    assert np.allclose(run(onnx.load(str(tmp_path / "m.onnx")), {"x": x})[0],
+                       x + rand(300) + rand(300, seed=1))
+
+
+def test_no_data_file_when_nothing_is_large(tmp_path: Path) -> None:
+    model = make_model([node("Add", ["x", "a"], ["y"], "add")], [("x", [4])], [("y", [4])],
+                       [const("a", rand(4))])
+    assert io.save_atomic(model, tmp_path / "m.onnx", external_data=True) == [tmp_path / "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_checker_runs_without_the_weights_but_still_checks() -> None:
+    bad = conv_bn_model()
+    bad.graph.node[0].input[1] = "nowhere"
+    with pytest.raises(io.OnnxrepError, match="nowhere"):
+        io.check(bad)
+    io.check(conv_bn_model())
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 64])
+def test_blockwise_math_is_the_one_pass_result(rows: int, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(kernels, "_BLOCK_ELEMENTS", 50)  # blocks of 1-2 rows of 27 elements
+    w, a, c = rand(rows, 3, 3, 3), rand(rows, seed=1), rand(rows, seed=2)
+    bias = rand(rows, seed=3)
+    got_w, got_b = kernels.scale_conv_output_as(w, bias, a, c)
+    one_w, one_b = kernels.scale_conv_output(w, bias, a, c)
+    assert got_w.dtype == np.float32 and got_w.shape == w.shape
+    assert np.array_equal(got_w, one_w.astype(np.float32))
+    assert np.array_equal(got_b, one_b.astype(np.float32))
+
+
+def test_identity_kernel_rows_are_its_slice() -> None:
+    full = kernels.identity_kernel(12, 3)
+    assert np.array_equal(kernels.identity_kernel(12, 3, rows=slice(5, 11)), full[5:11])
+
+
+def _protobuf_objects_reachable_from(root: object) -> list[object]:
+    found, seen, stack = [], set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, str | bytes | int | float | type | np.ndarray):
+            continue
+        seen.add(id(obj))
+        if "protobuf" in type(obj).__module__ or "upb" in type(obj).__module__:
+            if not type(obj).__name__.endswith(("Descriptor", "Meta", "Checker", "Default",
+                                                "Database", "Pool", "Wrapper")):
+                found.append(obj)
+            continue
+        stack.extend(gc.get_referents(obj))
+    return found
+
+
+def test_loaded_weights_hold_nothing_of_the_imported_proto() -> None:
+    """With protobuf's upb backend one reference into a model keeps all of it alive: after
+    load_weights the graph must hold no part of the proto it was imported from."""
+    model = conv_bn_model()
+    graph = graph_mod.normalize(model)
+    graph_mod.load_weights(graph)
+    parts = _protobuf_objects_reachable_from(graph)
+    assert all(isinstance(p, onnx.OperatorSetIdProto) for p in parts), parts
+    model.opset_import[0].version = 999  # the graph's opsets are copies, not views
+    assert all(p.version != 999 for p in parts)
+
+
+def test_fuse_from_a_file_reads_weights_once(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(), str(path))
+    result = fuse(path)
+    assert result.verified
+    assert set(result.fused.weights) == {"c.weight"}
+    assert not io.has_data(next(t for t in result.fused.proto.graph.initializer
+                                if t.name == "c.weight"))
+
+
+@pytest.mark.parametrize(("start", "end", "want"), [
+    (None, None, [16, 8, 3, 3]), (1, None, [8, 3, 3]), (-2, None, [3, 3]), (0, -1, [16, 8, 3]),
+    (-10, 10, [16, 8, 3, 3]), (3, 1, []),
+])
+def test_shape_of_a_weight_folds_to_its_dims(start: int | None, end: int | None,
+                                             want: list[int]) -> None:
+    attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+    model = make_model([node("Shape", ["w"], ["s"], "shape", **attrs),
+                        node("Cast", ["s"], ["y"], "cast", to=TensorProto.FLOAT),
+                        node("Add", ["x", "y"], ["z"], "add")],
+                       [("x", [len(want)])], [("z", [len(want)])], [const("w", rand(16, 8, 3, 3))],
+                       opset=18)
+    graph = gs.import_onnx(model)
+    graph_mod.fold_shapes_of_weights(graph)
+    graph.cleanup()
+    assert [n.op for n in graph.nodes] == ["Cast", "Add"]
+    assert graph.nodes[0].inputs[0].values.tolist() == want
+    assert graph.nodes[0].inputs[0].values.dtype == np.int64
