@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnxrep import io
+from onnxrep.errors import OnnxrepError
 from onnxrep.io import SplitModel, has_data, payload_bytes
 from onnxrep.surgery import bypass, constant_value
 
@@ -43,7 +46,8 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     light.graph.output.extend(graph.output)
     input_names = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if payload_bytes(tensor) > _LIGHT_BYTES or not has_data(tensor):
+        if (payload_bytes(tensor) > _LIGHT_BYTES or not has_data(tensor)
+                or tensor.data_location == onnx.TensorProto.EXTERNAL):
             # A large weight enters as a typed graph input: its dims, not its bytes.
             if tensor.name not in input_names:
                 light.graph.input.append(
@@ -176,8 +180,9 @@ def remove_noops(graph: gs.Graph) -> int:
     return removed
 
 
-def normalize(model: onnx.ModelProto) -> gs.Graph:
-    """Import and normalize a model; the result is what the rules see."""
+def normalize(model: onnx.ModelProto, base_dir: Path | None = None) -> gs.Graph:
+    """Import and normalize a model; the result is what the rules see. Its weights are numpy
+    arrays of its own (external data read from `base_dir`): the model can be let go."""
     original = list(model.graph.value_info)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred_value_info(model))
@@ -186,6 +191,7 @@ def normalize(model: onnx.ModelProto) -> gs.Graph:
     finally:
         del model.graph.value_info[:]
         model.graph.value_info.extend(original)
+    load_weights(graph, base_dir)
     unique_node_names(graph)
     fold_constants(graph)
     remove_noops(graph)
@@ -218,15 +224,31 @@ _RAW_TYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).newbyteorder(
     onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
 
 
-def _detach(tensor: gs.Constant) -> None:
+def _detach(tensor: gs.Constant, base_dir: Path | None) -> None:
     """Give a constant values of its own, so that nothing refers into the imported proto
-    (with protobuf's upb backend one reference to a part keeps the whole message alive)."""
+    (with protobuf's upb backend one reference to a part keeps the whole message alive);
+    weights in external data are read from their file straight into numpy."""
     lazy = tensor._values  # gs keeps the imported TensorProto here until the first read
     if not isinstance(lazy, gs.ir.tensor.LazyValues):
         return
     proto = lazy.tensor
     dtype = _RAW_TYPES.get(proto.data_type)
-    if dtype is not None and proto.HasField("raw_data"):
+    tensor.data_location = None  # gs would stamp the imported EXTERNAL onto the export
+    if proto.data_location == onnx.TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise OnnxrepError(f"weight '{proto.name}' is in external data, and the model "
+                               "was given without its folder: load it with its data")
+        try:
+            data = io.read_external(proto, base_dir, dtype)
+        except (OSError, ValueError) as exc:
+            raise OnnxrepError(f"cannot read external data of '{proto.name}': {exc}") from exc
+        if isinstance(data, np.ndarray):
+            tensor.values = data
+            return
+        own = onnx.TensorProto(name=proto.name, data_type=proto.data_type, dims=proto.dims,
+                               raw_data=data)
+        tensor.values = gs.ir.tensor.LazyValues(own)
+    elif dtype is not None and proto.HasField("raw_data"):
         # One copy of the bytes, read-only: a rule writes new arrays, it never edits weights
         tensor.values = np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
     elif dtype is not None:
@@ -237,18 +259,19 @@ def _detach(tensor: gs.Constant) -> None:
         tensor.values = gs.ir.tensor.LazyValues(own)
 
 
-def load_weights(graph: gs.Graph) -> None:
-    """Read every weight into numpy now, so that the imported proto can be let go."""
+def load_weights(graph: gs.Graph, base_dir: Path | None = None) -> None:
+    """Read every weight into numpy now, so that the imported proto can be let go; weights
+    in external data from their files beside the model, in `base_dir`."""
     if graph.import_domains is not None:  # gs keeps the model's own opset_import container
         graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version)
                                 for d in graph.import_domains]
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
-            _detach(tensor)
+            _detach(tensor, base_dir)
     for node in graph.nodes:
         for value in node.attrs.values():
             if isinstance(value, gs.Constant):
-                _detach(value)
+                _detach(value, base_dir)
 
 
 def _has_subgraphs(graph: gs.Graph) -> bool:

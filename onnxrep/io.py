@@ -23,6 +23,9 @@ _EXTERNAL_THRESHOLD = 256  # bytes: smaller tensors (scalars, shapes) stay inlin
 
 @dataclass
 class LoadedModel:
+    """A checked model. Its top-level initializers in external data are checked but not
+    read: `graph.normalize(model, base_dir)` reads them straight into numpy."""
+
     model: onnx.ModelProto
     path: Path | None
     external_data: bool  # the file kept (some) weights in an external data file
@@ -73,8 +76,16 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
         raise OnnxrepError(f"{path}: not an ONNX model (no IR version, opset or graph outputs)")
     external = any(edh.uses_external_data(t) for t in edh._get_all_tensors(model))
     if external:
+        initializers = list(model.graph.initializer)  # held: upb wrappers keep their ids
+        top = {id(t) for t in initializers}
         try:
-            edh.load_external_data_for_model(model, str(path.parent))
+            for tensor in edh._get_all_tensors(model):
+                if not edh.uses_external_data(tensor):
+                    continue
+                if id(tensor) in top:
+                    external_source(tensor, path.parent)  # checked now, read by normalize
+                else:  # a subgraph's or an attribute's tensor: rare and small, read now
+                    edh.load_external_data_for_tensor(tensor, str(path.parent))
         except FileNotFoundError as exc:
             missing = getattr(exc, "filename", None) or _first_line(exc)
             raise OnnxrepError(f"{path}: external data file missing: {missing}") from exc
@@ -83,6 +94,41 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
     _check_initializer_sizes(model)
     check(model, str(path))
     return LoadedModel(model=model, path=path, external_data=external)
+
+
+def external_source(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of a tensor kept in external data, checked against the file: it
+    exists inside `base_dir` and holds exactly the tensor's bytes. Raises OSError/ValueError."""
+    info = edh.ExternalDataInfo(tensor)
+    location = Path(info.location)
+    if not info.location or location.is_absolute() or ".." in location.parts:
+        raise ValueError(f"tensor '{tensor.name}': external data location "
+                         f"'{info.location}' is not a file beside the model")
+    file = base_dir / location
+    if not file.is_file():
+        raise FileNotFoundError(2, "no such file", str(file))
+    size = file.stat().st_size
+    offset = int(info.offset or 0)
+    length = int(info.length) if info.length is not None else size - offset
+    expected = payload_bytes(tensor)
+    if offset + length > size or length != expected:
+        raise ValueError(f"tensor '{tensor.name}' needs {expected} bytes at offset {offset} of "
+                         f"{file.name} ({size} bytes): the model or its external data file "
+                         "is truncated")
+    return file, offset, length
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: Path, dtype: np.dtype | None
+                  ) -> np.ndarray | bytes:
+    """A tensor's external bytes, read straight into an array of `dtype` (one copy, never
+    through the proto), or as bytes when `dtype` is None."""
+    file, offset, length = external_source(tensor, base_dir)
+    if dtype is None:
+        with open(file, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    count = length // dtype.itemsize
+    return np.fromfile(file, dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
 
 
 def check(model: onnx.ModelProto, what: str = "model") -> None:

@@ -205,3 +205,35 @@ def test_shape_of_a_weight_folds_to_its_dims(start: int | None, end: int | None,
     assert [n.op for n in graph.nodes] == ["Cast", "Add"]
     assert graph.nodes[0].inputs[0].values.tolist() == want
     assert graph.nodes[0].inputs[0].values.dtype == np.int64
+
+
+def external_copy(folder: Path) -> Path:
+    path = folder / "m.onnx"
+    onnx.save(conv_bn_model(), str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=1024)
+    return path
+
+
+def test_external_weights_are_checked_on_load_and_read_by_normalize(tmp_path: Path) -> None:
+    path = external_copy(tmp_path)
+    loaded = io.load(path)
+    weight = next(t for t in loaded.model.graph.initializer if t.name == "c.W")
+    assert weight.data_location == TensorProto.EXTERNAL and not weight.HasField("raw_data")
+    graph = graph_mod.normalize(loaded.model, base_dir=tmp_path)
+    conv_node = next(n for n in graph.nodes if n.op == "Conv")
+    assert np.array_equal(conv_node.inputs[1].values, rand(16, 16, 3, 3))
+    with pytest.raises(io.OnnxrepError, match="external data"):
+        graph_mod.normalize(io.load(path).model)  # no folder to read it from
+
+
+@pytest.mark.parametrize("location", ["../m.onnx.data", "/etc/passwd"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, location: str) -> None:
+    path = external_copy(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(path))
+    with pytest.raises(io.OnnxrepError, match="external data"):
+        io.load(path)
