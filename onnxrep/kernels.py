@@ -135,13 +135,17 @@ def embed_kernel(
     weight: np.ndarray, kernel: tuple[int, ...], offsets: tuple[int, ...]
 ) -> np.ndarray:
     """Place a small kernel inside a zero kernel of spatial size `kernel` at `offsets`."""
-    w = f64(weight)
-    out = np.zeros(w.shape[:2] + tuple(kernel))
-    index = (slice(None), slice(None)) + tuple(
-        slice(o, o + s) for o, s in zip(offsets, w.shape[2:], strict=True)
-    )
-    out[index] = w
+    out = np.zeros(weight.shape[:2] + tuple(kernel))
+    add_embedded(out, weight, offsets)
     return out
+
+
+def add_embedded(total: np.ndarray, weight: np.ndarray, offsets: tuple[int, ...]) -> None:
+    """total += embed_kernel(weight, total's kernel, offsets), in place (no zero kernel)."""
+    index = (slice(None), slice(None)) + tuple(
+        slice(o, o + s) for o, s in zip(offsets, weight.shape[2:], strict=True)
+    )
+    total[index] += weight
 
 
 def align_kernels(

@@ -411,13 +411,11 @@ def _merged_weights(plan: MergePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray
                                                np.zeros(channels))
 
     def rows_of(rows: slice) -> np.ndarray:
-        total = None
+        total = np.zeros((len(range(channels)[rows]), like.shape[1]) + tuple(plan.kernel))
         for b, offset in zip(plan.members, plan.offsets, strict=True):
             w = (b.weight[rows] if b.kind == "conv"
                  else kernels.identity_kernel(channels, group, spatial, rows))
-            w = kernels.embed_kernel(kernels.scale_conv_weight(w, b.coef[rows]), plan.kernel,
-                                     offset)
-            total = w if total is None else total + w
+            kernels.add_embedded(total, kernels.scale_conv_weight(w, b.coef[rows]), offset)
         return total
 
     return kernels.by_output_rows(channels, rows_of, like.dtype), total_b, like
