@@ -415,7 +415,9 @@ def _merged_weights(plan: MergePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray
         for b, offset in zip(plan.members, plan.offsets, strict=True):
             w = (b.weight[rows] if b.kind == "conv"
                  else kernels.identity_kernel(channels, group, spatial, rows))
-            kernels.add_embedded(total, kernels.scale_conv_weight(w, b.coef[rows]), offset)
+            if not np.all(b.coef == 1.0):  # a unit coefficient (the usual case) is exact as is
+                w = kernels.scale_conv_weight(w, b.coef[rows])
+            kernels.add_embedded(total, w, offset)
         return total
 
     return kernels.by_output_rows(channels, rows_of, like.dtype), total_b, like
