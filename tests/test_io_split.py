@@ -237,3 +237,18 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, locat
     onnx.save(model, str(path))
     with pytest.raises(io.OnnxrepError, match="external data"):
         io.load(path)
+
+
+def test_a_type_numpy_lacks_in_external_data_survives_fuse(tmp_path: Path) -> None:
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(odd_type_model(), str(src), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    result = fuse(src, verify=False)
+    written = io.save_atomic(result.fused, out, external_data=result.external_data)
+    assert written == [out, tmp_path / "out.onnx.data"]
+    loaded = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    original = {t.name: t for t in odd_type_model().graph.initializer}
+    for name in ("odd", "w"):
+        assert loaded[name].data_type == original[name].data_type
+        assert numpy_helper.to_array(loaded[name]).tobytes() == \
+            numpy_helper.to_array(original[name]).tobytes()
