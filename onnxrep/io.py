@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io as io_module
+import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -65,7 +67,11 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
     if path.is_dir():
         raise OnnxrepError(f"{path}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_without_weight_bytes(path)
+        external = False
+        if model is None:
+            model = onnx.load(str(path), load_external_data=False)
+            external = any(edh.uses_external_data(t) for t in edh._get_all_tensors(model))
     except DecodeError as exc:
         raise OnnxrepError(
             f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})"
@@ -74,8 +80,7 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
         raise OnnxrepError(f"{path}: cannot read model: {_first_line(exc)}") from exc
     if model.ir_version <= 0 or not model.opset_import or not model.graph.output:
         raise OnnxrepError(f"{path}: not an ONNX model (no IR version, opset or graph outputs)")
-    external = any(edh.uses_external_data(t) for t in edh._get_all_tensors(model))
-    if external:
+    if any(edh.uses_external_data(t) for t in edh._get_all_tensors(model)):
         initializers = list(model.graph.initializer)  # held: upb wrappers keep their ids
         top = {id(t) for t in initializers}
         try:
@@ -94,6 +99,116 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
     _check_initializer_sizes(model)
     check(model, str(path))
     return LoadedModel(model=model, path=path, external_data=external)
+
+
+class _NotPlain(Exception):
+    """The file is not laid out as the fast reader expects: read it with onnx.load."""
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise _NotPlain
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _wire_fields(buf: memoryview, start: int, end: int
+                 ) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, start of the field's key, start of its value, end of the field) of each
+    field of the message in buf[start:end] (protobuf wire format)."""
+    pos = start
+    while pos < end:
+        key_start = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+            value_start = pos
+        elif wire in (1, 5):
+            value_start, pos = pos, pos + (8 if wire == 1 else 4)
+        elif wire == 2:
+            length, value_start = _read_varint(buf, pos)
+            pos = value_start + length
+        else:
+            raise _NotPlain  # groups: never in ONNX
+        if pos > end:
+            raise _NotPlain
+        yield number, key_start, value_start, pos
+
+
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_TENSOR_LOCATION = {onnx.TensorProto.DESCRIPTOR.fields_by_name[f].number
+                    for f in ("data_location", "external_data")}
+_READ_INLINE = 4096  # raw weights up to this size are read into the proto as usual
+
+
+def read_without_weight_bytes(path: Path) -> onnx.ModelProto | None:
+    """Parse a single-file model except its large weights' bytes. Each such initializer is
+    left pointing into the model file itself, as external data (location = the file's name,
+    offset and length of its raw_data there), for `graph.normalize` to read straight into
+    numpy: onnx.load would hold the file's bytes and the parsed proto at once, two copies of
+    every weight before a rule runs. None when the file has external data already, or is not
+    laid out as expected (then onnx.load reads it, and reports what is wrong)."""
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file, or one that cannot be mapped
+            return None
+    with mapped:
+        buf = memoryview(mapped)
+        try:
+            return _split_parse(buf, path.name)
+        except (_NotPlain, DecodeError):
+            return None
+        finally:
+            buf.release()
+
+
+def _split_parse(buf: memoryview, location: str) -> onnx.ModelProto | None:
+    rest, graph_at = bytearray(), None
+    for number, key, _value, end in _wire_fields(buf, 0, len(buf)):
+        if number == _MODEL_GRAPH:
+            if graph_at is not None:
+                raise _NotPlain  # a graph in two parts: legal, but leave it to onnx
+            graph_at = (_value, end)
+        else:
+            rest += buf[key:end]
+    if graph_at is None:
+        raise _NotPlain
+    model = onnx.ModelProto()
+    model.ParseFromString(bytes(rest))
+    graph_rest = bytearray()
+    tensors: list[tuple[bytes, tuple[int, int] | None]] = []
+    for number, key, value, end in _wire_fields(buf, *graph_at):
+        if number != _GRAPH_INITIALIZER:
+            graph_rest += buf[key:end]
+            continue
+        fields, raw = bytearray(), None
+        for t_number, t_key, t_value, t_end in _wire_fields(buf, value, end):
+            if t_number in _TENSOR_LOCATION:
+                return None  # external data already: onnx.load and the usual checks
+            if t_number == _TENSOR_RAW_DATA and t_end - t_value > _READ_INLINE:
+                raw = (t_value, t_end - t_value)
+            else:
+                fields += buf[t_key:t_end]
+        tensors.append((bytes(fields), raw))
+    model.graph.ParseFromString(bytes(graph_rest))
+    for fields, raw in tensors:
+        tensor = model.graph.initializer.add()
+        tensor.ParseFromString(fields)
+        if raw is not None:
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", raw[0]), ("length", raw[1])):
+                tensor.external_data.add(key=k, value=str(v))
+    return model
 
 
 def external_source(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int]:

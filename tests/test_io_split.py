@@ -252,3 +252,68 @@ def test_a_type_numpy_lacks_in_external_data_survives_fuse(tmp_path: Path) -> No
         assert loaded[name].data_type == original[name].data_type
         assert numpy_helper.to_array(loaded[name]).tobytes() == \
             numpy_helper.to_array(original[name]).tobytes()
+
+
+# --- the single-file reader: structure parsed, large weights left in the file ----------------
+
+def with_bytes_read_back(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """The reader's model with each self-reference replaced by the bytes it points at."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            file, offset, length = io.external_source(tensor, folder)
+            with open(file, "rb") as f:
+                f.seek(offset)
+                tensor.raw_data = f.read(length)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+    return model
+
+
+def big_odd_type_model() -> onnx.ModelProto:
+    bf16 = helper.make_tensor("odd", TensorProto.BFLOAT16, [3000], np.linspace(-3, 3, 3000))
+    return make_model([node("Add", ["x", "w"], ["y"], "add"),
+                       node("Concat", ["odd", "b"], ["z"], "concat", axis=0)],
+                      [("x", [3000]), ("b", [2], TensorProto.BFLOAT16)],
+                      [("y", [3000]), ("z", [3002], TensorProto.BFLOAT16)],
+                      [const("w", rand(3000)), bf16])
+
+
+@pytest.mark.parametrize("source", ["conv_bn", "big_odd", "repvgg_tiny", "mobileone_tiny"])
+def test_reader_gives_what_onnx_load_gives(tmp_path: Path, source: str) -> None:
+    examples = Path(__file__).resolve().parent.parent / "models" / "examples"
+    if source.endswith("_tiny"):
+        path = examples / f"{source}.onnx"
+    else:
+        path = tmp_path / "m.onnx"
+        onnx.save({"conv_bn": conv_bn_model, "big_odd": big_odd_type_model}[source](), str(path))
+    model = io.read_without_weight_bytes(path)
+    assert model is not None
+    moved = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert all(not t.HasField("raw_data") for t in moved)
+    if not source.endswith("_tiny"):  # the examples' weights may all be small
+        assert moved
+    assert with_bytes_read_back(model, path.parent) == onnx.load(str(path))
+
+
+def test_reader_leaves_other_files_to_onnx_load(tmp_path: Path) -> None:
+    external = external_copy(tmp_path)
+    assert io.read_without_weight_bytes(external) is None  # external data already
+    whole = conv_bn_model().SerializeToString()
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "cut.onnx").write_bytes(whole[: len(whole) // 2])
+    assert io.read_without_weight_bytes(tmp_path / "empty.onnx") is None
+    assert io.read_without_weight_bytes(tmp_path / "cut.onnx") is None
+    with pytest.raises(io.OnnxrepError):
+        io.load(tmp_path / "cut.onnx")
+
+
+def test_fused_from_the_reader_is_written_as_one_file(tmp_path: Path) -> None:
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(conv_bn_model(), str(src))
+    result = fuse(src)
+    assert result.verified and not result.external_data
+    assert io.save_atomic(result.fused, out, external_data=result.external_data) == [out]
+    x = rand(1, 16, 8, 8, seed=9)
+    np.testing.assert_allclose(run(onnx.load(str(out)), {"x": x})[0],
+                               run(conv_bn_model(), {"x": x})[0], rtol=1e-5, atol=1e-5)
