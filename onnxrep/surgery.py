@@ -5,7 +5,7 @@ Rules call these; none of them knows about rules or the engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,24 +32,22 @@ def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.inputs)
 
 
-def fresh_node_name(graph: gs.Graph, base: str) -> str:
-    taken = {n.name for n in graph.nodes}
+def _fresh(taken: Container[str], base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ... : the first name not in `taken`."""
     if base not in taken:
         return base
     i = 2
     while f"{base}_{i}" in taken:
         i += 1
     return f"{base}_{i}"
+
+
+def fresh_node_name(graph: gs.Graph, base: str) -> str:
+    return _fresh({n.name for n in graph.nodes}, base)
 
 
 def fresh_tensor_name(graph: gs.Graph, base: str) -> str:
-    taken = graph.tensors().keys()
-    if base not in taken:
-        return base
-    i = 2
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
+    return _fresh(graph.tensors().keys(), base)
 
 
 def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
