@@ -16,6 +16,11 @@ def f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def bias_or_zeros(bias: np.ndarray | None, channels: int) -> np.ndarray:
+    """A conv's bias in float64; zeros when it has none."""
+    return np.zeros(channels) if bias is None else f64(bias)
+
+
 def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
     """Cast a float64 result back to the dtype of the tensor it replaces."""
     return np.ascontiguousarray(value.astype(like.dtype, copy=False))
@@ -85,7 +90,7 @@ def scale_conv_transpose_output(
     w = f64(weight)
     cin, cout_g = w.shape[:2]
     cout = cout_g * group
-    b = np.zeros(cout) if bias is None else f64(bias)
+    b = bias_or_zeros(bias, cout)
     grouped = w.reshape((group, cin // group, cout_g) + w.shape[2:])
     scale = f64(a).reshape((group, 1, cout_g) + (1,) * (w.ndim - 2))
     return (grouped * scale).reshape(w.shape), f64(a) * b + f64(c)
@@ -108,7 +113,7 @@ def fold_input_affine(
     W'[o,i] = W[o,i]*a[gi(o)*I/g + i], b'[o] = b[o] + sum_{i,k} W[o,i,k]*c[gi(o)*I/g + i]."""
     w = f64(weight)
     out_c, in_g = w.shape[:2]
-    b = np.zeros(out_c) if bias is None else f64(bias)
+    b = bias_or_zeros(bias, out_c)
     per_group_out = out_c // group
     a_g = f64(a).reshape(group, in_g)
     c_g = f64(c).reshape(group, in_g)
@@ -257,7 +262,7 @@ def widen_middle_conv(
     w = f64(weight)
     out_c, per_in = w.shape[:2]
     channels = len(carry)
-    b_new = np.concatenate([np.zeros(out_c) if bias is None else f64(bias), np.zeros(channels)])
+    b_new = np.concatenate([bias_or_zeros(bias, out_c), np.zeros(channels)])
     c = np.arange(channels)
     if group == 1:
         w_new = np.zeros((out_c + channels, len(main) + channels) + w.shape[2:])
@@ -289,7 +294,7 @@ def widen_last_conv(
     else:
         s = f64(shortcut).reshape(out_c, len(carry))
         w_new[(slice(None), carry) + tuple(tap)] = s
-    b_new = np.zeros(out_c) if bias is None else f64(bias)
+    b_new = bias_or_zeros(bias, out_c)
     if shortcut_bias is not None:
         b_new = b_new + f64(shortcut_bias)
     return w_new, b_new
@@ -314,8 +319,8 @@ def compose_pointwise(
     a, b = f64(w1), f64(w2)
     m1 = a.reshape(a.shape[0], a.shape[1])
     m2 = b.reshape(b.shape[0], b.shape[1])
-    bias1 = np.zeros(m1.shape[0]) if b1 is None else f64(b1)
-    bias2 = np.zeros(m2.shape[0]) if b2 is None else f64(b2)
+    bias1 = bias_or_zeros(b1, m1.shape[0])
+    bias2 = bias_or_zeros(b2, m2.shape[0])
     w = (m2 @ m1).reshape((m2.shape[0], m1.shape[1]) + a.shape[2:])
     return w, m2 @ bias1 + bias2
 

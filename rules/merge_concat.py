@@ -137,7 +137,7 @@ class MergeConcatenatedConvs:
             for c, offset in zip(group, offsets, strict=True):
                 w, b = conv_weight_bias(c)
                 ws.append(kernels.embed_kernel(w, kernel, offset))
-                bs.append(np.zeros(w.shape[0]) if b is None else kernels.f64(b))
+                bs.append(kernels.bias_or_zeros(b, w.shape[0]))
             like = constant_value(group[0].inputs[1])
             attrs = {**conv_attrs(group[0]), "pads": pads}
             merged.append((run, group[0].inputs[0], group[0].name, np.concatenate(ws),

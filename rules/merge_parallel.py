@@ -518,7 +518,7 @@ class MergeParallelBranches:
         single = len(plans) + len(leftovers) == 1
         for plan, w, b, like, name in computed:
             out = m.output if single else new_variable(graph, f"{name}.merged", like.dtype)
-            conv = replace_with_conv(graph, name, plan.source, out, kernels.cast_like(w, like),
+            conv = replace_with_conv(graph, name, plan.source, out, w,  # cast already
                                      kernels.cast_like(b, like), plan.attrs)
             added.append(conv.name)
             terms.append(out)

@@ -282,14 +282,14 @@ class MergeSequentialConvs:
         if reason:
             return [reason]
         w1, b1 = conv_weight_bias(first)
-        b1 = np.zeros(w1.shape[0]) if b1 is None else kernels.f64(b1)
+        b1 = kernels.bias_or_zeros(b1, w1.shape[0])
         a1 = conv_attrs(first)
         if second.op == "Conv":
             reason = conv_params(second)
             if reason:
                 return [reason]
             w2, b2 = conv_weight_bias(second)
-            b2 = np.zeros(w2.shape[0]) if b2 is None else kernels.f64(b2)
+            b2 = kernels.bias_or_zeros(b2, w2.shape[0])
             a2 = conv_attrs(second)
         else:
             pool = self._pool_as_conv(second, w1.shape[0])
