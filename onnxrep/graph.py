@@ -46,7 +46,7 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     light.graph.output.extend(graph.output)
     input_names = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if (payload_bytes(tensor) > _LIGHT_BYTES or not has_data(tensor)
+        if ((payload_bytes(tensor) or 0) > _LIGHT_BYTES or not has_data(tensor)
                 or tensor.data_location == onnx.TensorProto.EXTERNAL):
             # A large weight enters as a typed graph input: its dims, not its bytes.
             if tensor.name not in input_names:
@@ -202,6 +202,15 @@ def normalize(model: onnx.ModelProto, base_dir: Path | None = None) -> gs.Graph:
 _DETACH_BYTES = 1024  # weights from this size on travel as arrays beside the proto
 
 
+# ONNX types written as raw bytes of the numpy dtype they map to (not bfloat16, float8, 4-bit
+# or strings)
+_RAW_TYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).newbyteorder("<") for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
+
+
 def _plain_weight(tensor: gs.Constant) -> np.ndarray | None:
     """The values of a constant that can be written as raw little-endian bytes of its own
     dtype (not bfloat16/float8 or strings, not re-typed on export), if large enough."""
@@ -209,19 +218,12 @@ def _plain_weight(tensor: gs.Constant) -> np.ndarray | None:
         dtype = np.dtype(tensor.dtype)
     except TypeError:
         return None  # an ONNX type numpy does not have: leave it to the exporter
-    if dtype.kind not in "fiub" or tensor.export_dtype != tensor.dtype:
+    if dtype not in _RAW_TYPES.values() or tensor.export_dtype != tensor.dtype:
         return None
     values = tensor.values
     if not isinstance(values, np.ndarray) or values.nbytes < _DETACH_BYTES:
         return None
     return values
-
-
-_RAW_TYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).newbyteorder("<") for t in (
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
-    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
-    onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
 
 
 def _detach(tensor: gs.Constant, base_dir: Path | None) -> None:

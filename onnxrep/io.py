@@ -39,19 +39,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_initializer_sizes(model: onnx.ModelProto) -> None:
-    """A truncated external data file yields short raw_data: catch it before anything runs."""
+    """A truncated file yields short raw_data: catch it before anything runs."""
     for tensor in model.graph.initializer:
         if not tensor.HasField("raw_data"):
             continue
-        try:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        except (KeyError, TypeError, ValueError):
+        expected = payload_bytes(tensor)
+        if expected is None:
             continue
-        if tensor.data_type in (onnx.TensorProto.STRING,):
-            continue
-        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            continue  # packed; sizes differ
         if len(tensor.raw_data) != expected:
             raise OnnxrepError(
                 f"initializer '{tensor.name}' has {len(tensor.raw_data)} bytes, expected "
@@ -142,11 +136,14 @@ def _wire_fields(buf: memoryview, start: int, end: int
         yield number, key_start, value_start, pos
 
 
-_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-_TENSOR_LOCATION = {onnx.TensorProto.DESCRIPTOR.fields_by_name[f].number
-                    for f in ("data_location", "external_data")}
+def _number(message: type[Message], name: str) -> int:
+    return message.DESCRIPTOR.fields_by_name[name].number
+
+
+_MODEL_GRAPH = _number(onnx.ModelProto, "graph")
+_GRAPH_INITIALIZER = _number(onnx.GraphProto, "initializer")
+_TENSOR_RAW_DATA = _number(onnx.TensorProto, "raw_data")
+_TENSOR_LOCATION = {_number(onnx.TensorProto, f) for f in ("data_location", "external_data")}
 _READ_INLINE = 4096  # raw weights up to this size are read into the proto as usual
 
 
@@ -226,7 +223,7 @@ def external_source(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int
     offset = int(info.offset or 0)
     length = int(info.length) if info.length is not None else size - offset
     expected = payload_bytes(tensor)
-    if offset + length > size or length != expected:
+    if offset + length > size or (expected is not None and length != expected):
         raise ValueError(f"tensor '{tensor.name}' needs {expected} bytes at offset {offset} of "
                          f"{file.name} ({size} bytes): the model or its external data file "
                          "is truncated")
@@ -304,13 +301,22 @@ def _umask() -> int:
     return current
 
 
-def payload_bytes(tensor: onnx.TensorProto) -> int:
-    """A tensor's size in bytes from its dims and type (reading raw_data would copy it)."""
+_PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, t)}
+
+
+def payload_bytes(tensor: onnx.TensorProto) -> int | None:
+    """A tensor's raw size in bytes from its dims and type (reading raw_data would copy it);
+    None for strings and types onnx does not size."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2  # two elements a byte
     try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     except (KeyError, TypeError, ValueError):
-        itemsize = 1
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        return None
 
 
 _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
@@ -325,8 +331,9 @@ def has_data(tensor: onnx.TensorProto) -> bool:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by initializers."""
-    return sum(payload_bytes(t) for t in model.graph.initializer)
+    """Bytes held by initializers (strings and unsized types count their element count)."""
+    return sum(payload_bytes(t) or int(np.prod(t.dims, dtype=np.int64))
+               for t in model.graph.initializer)
 
 
 @dataclass
@@ -369,14 +376,14 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _tag(message: type[Message], name: str) -> bytes:
+def _tag(number: int) -> bytes:
     """The key of a length-delimited field (wire type 2)."""
-    return _varint(message.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+    return _varint(number << 3 | 2)
 
 
-_GRAPH = _tag(onnx.ModelProto, "graph")
-_INITIALIZER = _tag(onnx.GraphProto, "initializer")
-_RAW_DATA = _tag(onnx.TensorProto, "raw_data")
+_GRAPH = _tag(_MODEL_GRAPH)
+_INITIALIZER = _tag(_GRAPH_INITIALIZER)
+_RAW_DATA = _tag(_TENSOR_RAW_DATA)
 
 
 def _delimited(tag: bytes, length: int) -> bytes:
