@@ -243,3 +243,20 @@ def assert_one_line_error(returncode: int, stderr: str) -> str:
     assert "Traceback" not in stderr
     assert lines[0].startswith("onnxrep: error: "), lines[0]
     return lines[0]
+
+
+def export_families(root: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """family -> {form: training-time export, f"{form}-plain": plain export}, every family
+    in `names` exported once per form it supports, into the folder `root` (needs torch)."""
+    from models.export import export_forms
+    from models.registry import FAMILIES
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        fam = FAMILIES[name]
+        out[name] = dict(export_forms(fam.build_train(), fam.input_shape,
+                                      {form: root / f"{name}-{form}.onnx" for form in fam.forms}))
+        plain = export_forms(fam.build_plain(), fam.input_shape,
+                             {form: root / f"{name}-{form}-plain.onnx" for form in fam.forms})
+        out[name].update({f"{form}-plain": path for form, path in plain.items()})
+    return out

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import onnxrep
-from tests.helpers import cli
+from tests.helpers import cli, export_families
 
 pytest.importorskip("torch")
 registry = pytest.importorskip("models.registry")
-export = pytest.importorskip("models.export")
+pytest.importorskip("models.export")
 
 FAMILIES = ["dbb", "dbb_dense", "orepa", "orepa_ts"]
 CASES = [(name, form) for name in FAMILIES for form in registry.FAMILIES[name].forms]
@@ -24,18 +24,8 @@ CASES = [(name, form) for name in FAMILIES for form in registry.FAMILIES[name].f
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("dbb")
-    out: dict[str, dict[str, Path]] = {}
-    for name in FAMILIES:
-        fam = registry.FAMILIES[name]
-        out[name] = export.export_forms(
-            fam.build_train(), fam.input_shape,
-            {form: root / f"{name}-{form}.onnx" for form in fam.forms})
-        plain = export.export_forms(
-            fam.build_plain(), fam.input_shape,
-            {form: root / f"{name}-{form}-plain.onnx" for form in fam.forms})
-        out[name].update({f"{form}-plain": p for form, p in plain.items()})
-    return out
+    """family -> {form: path, form-plain: path}, each family exported once per form."""
+    return export_families(tmp_path_factory.mktemp("dbb"), FAMILIES)
 
 
 @pytest.mark.parametrize(("name", "form"), CASES, ids=[f"{n}-{f}" for n, f in CASES])

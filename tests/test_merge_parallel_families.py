@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 import onnxrep
-from tests.helpers import cli
+from tests.helpers import cli, export_families
 
 torch = pytest.importorskip("torch")
 registry = pytest.importorskip("models.registry")
-export = pytest.importorskip("models.export")
+pytest.importorskip("models.export")
 
 FAMILIES = ["repvgg", "acnet", "mobileone", "mobileone_se", "csla", "qarepvgg", "repvit",
             "repghost", "fastvit", "replknet", "inception"]
@@ -24,18 +24,7 @@ CASES = [(name, form) for name in FAMILIES for form in registry.FAMILIES[name].f
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """family -> {form: path, form-plain: path}, each family exported once per form."""
-    root = tmp_path_factory.mktemp("parallel")
-    out: dict[str, dict[str, Path]] = {}
-    for name in FAMILIES:
-        fam = registry.FAMILIES[name]
-        out[name] = export.export_forms(
-            fam.build_train(), fam.input_shape,
-            {form: root / f"{name}-{form}.onnx" for form in fam.forms})
-        plain = export.export_forms(
-            fam.build_plain(), fam.input_shape,
-            {form: root / f"{name}-{form}-plain.onnx" for form in fam.forms})
-        out[name].update({f"{form}-plain": path for form, path in plain.items()})
-    return out
+    return export_families(tmp_path_factory.mktemp("parallel"), FAMILIES)
 
 
 @pytest.mark.parametrize(("name", "form"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
