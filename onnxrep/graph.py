@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,30 +34,41 @@ _MAX_FOLD_ROUNDS = 4
 _LIGHT_BYTES = 4096  # initializers larger than this lose their data in the inference copy
 
 
-def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """onnx shape inference, run on a copy without the large weights' bytes (shape inference
-    reads their dims, not their values) so that big models cost no second copy in memory."""
-    light = onnx.ModelProto()
+def shape_probe(model: onnx.ModelProto, heavy: Callable[[onnx.TensorProto], bool]
+                ) -> onnx.ModelProto:
+    """A copy of `model` for onnx shape inference in which each `heavy` initializer is a typed
+    graph input instead (shape inference reads its dims, not its bytes): a big model costs no
+    second copy of its weights. The light ones stay initializers, for data propagation."""
+    probe = onnx.ModelProto()
     graph = model.graph
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    light.graph.node.extend(graph.node)
-    light.graph.input.extend(graph.input)
-    light.graph.output.extend(graph.output)
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    probe.graph.node.extend(graph.node)
+    probe.graph.input.extend(graph.input)
+    probe.graph.output.extend(graph.output)
     input_names = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if ((payload_bytes(tensor) or 0) > _LIGHT_BYTES or not has_data(tensor)
-                or tensor.data_location == onnx.TensorProto.EXTERNAL):
-            # A large weight enters as a typed graph input: its dims, not its bytes.
+        if heavy(tensor):
             if tensor.name not in input_names:
-                light.graph.input.append(
+                probe.graph.input.append(
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
                 )
         else:
-            light.graph.initializer.append(tensor)
+            probe.graph.initializer.append(tensor)
+    return probe
+
+
+def _heavy(tensor: onnx.TensorProto) -> bool:
+    """Large, or with no bytes in the proto (a SplitModel's placeholder, external data)."""
+    return ((payload_bytes(tensor) or 0) > _LIGHT_BYTES or not has_data(tensor)
+            or tensor.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """onnx shape inference on a `shape_probe` of the model: the value_info it finds."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(shape_probe(model, _heavy), data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is an aid, never a requirement
         log.debug("shape inference failed: %s", exc)
         return []

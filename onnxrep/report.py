@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxrep.graph import shape_probe
 from onnxrep.rule import Applied, Miss
 from onnxrep.verify import Verification
 
@@ -39,12 +40,8 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | 
     """name -> static dims of every tensor onnx shape inference can size, with the graph
     inputs' symbolic dims set to 1 (or taken from `input_shapes`). Large weights are not
     copied: shape inference reads their dims only. None when shape inference fails."""
-    probe = onnx.ModelProto()
-    probe.ir_version = model.ir_version
-    probe.opset_import.extend(model.opset_import)
-    probe.functions.extend(model.functions)
-    graph = probe.graph
-    graph.node.extend(model.graph.node)
+    probe = shape_probe(
+        model, lambda t: int(np.prod(t.dims, dtype=np.int64)) > _PROBE_MAX_ELEMENTS)
     weights = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in weights:
@@ -53,15 +50,11 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | 
         dims = vi.type.tensor_type.shape.dim
         fixed = list(given) if given is not None else [
             d.dim_value if d.HasField("dim_value") else 1 for d in dims]
-        graph.input.append(onnx.helper.make_tensor_value_info(
-            vi.name, vi.type.tensor_type.elem_type, fixed))
-    for t in model.graph.initializer:
-        if int(np.prod(t.dims, dtype=np.int64)) > _PROBE_MAX_ELEMENTS:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
-        else:
-            graph.initializer.append(t)
+        next(p for p in probe.graph.input if p.name == vi.name).CopyFrom(
+            onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, fixed))
+    del probe.graph.output[:]  # their declared shapes must not constrain inference
     for vi in model.graph.output:
-        graph.output.append(onnx.helper.make_empty_tensor_value_info(vi.name))
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(vi.name))
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception:  # noqa: BLE001 - no shapes, no MAC count
