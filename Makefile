@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 ONNXREP ?= $(PYTHON) -m onnxrep.cli
 EXAMPLE := models/examples/repvgg_tiny.onnx
-LINTED := onnxrep rules tests models bench
+LINTED := onnxrep tests models bench
 
 .PHONY: install demo test-deps test lint bench clean
 

@@ -1,8 +1,9 @@
 """Command line: thin click commands over the library.
 
-Exit codes (scripts and CI pipelines rely on them): 0 written and verified; 1 verification
-failed, nothing written (unless --force); 2 bad input or usage, one line on stderr, no
-traceback (--debug shows it) and no output file.
+Exit codes (scripts and CI pipelines rely on them; docs/DESIGN.md, "The CLI contract"):
+0 written and verified; 1 verification failed, nothing written (unless --force); 2 bad input
+or usage; 3 an internal error that left no output. 2 and 3 print one line on stderr, no
+traceback (--debug shows it), and write no output file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import click
 
 from onnxrep import api, io
-from onnxrep.errors import OnnxrepError
+from onnxrep.errors import InternalError, OnnxrepError, first_line
 from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shapes
 
 
@@ -28,7 +29,8 @@ def _ids(value: str | None) -> list[str] | None:
 
 
 def _one_line_errors(func: Callable[..., int]) -> Callable[..., None]:
-    """Turn any failure into one line on stderr and exit 2 (--debug: the traceback too)."""
+    """Turn any failure into one line on stderr: exit 2 for bad input, 3 for an internal error
+    (--debug: the traceback too)."""
 
     @wraps(func)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> None:
@@ -39,16 +41,21 @@ def _one_line_errors(func: Callable[..., int]) -> Callable[..., None]:
                 traceback.print_exc()
             click.echo(f"onnxrep: error: {exc}", err=True)
             sys.exit(2)
+        except InternalError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"onnxrep: internal error: {exc} (rerun with --debug and report it)",
+                       err=True)
+            sys.exit(3)
         except KeyboardInterrupt:
             click.echo("onnxrep: interrupted", err=True)
             sys.exit(2)
         except Exception as exc:  # noqa: BLE001 - the contract: never a traceback
             if debug:
                 traceback.print_exc()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"onnxrep: internal error: {type(exc).__name__}: {first} "
+            click.echo(f"onnxrep: internal error: {type(exc).__name__}: {first_line(exc)} "
                        "(rerun with --debug and report it)", err=True)
-            sys.exit(2)
+            sys.exit(3)
         sys.exit(code)
 
     return wrapper

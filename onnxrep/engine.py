@@ -1,10 +1,22 @@
-"""The rule loop: match -> check -> rewrite, until a fixed point.
+"""The rule loop, and the only code that changes the graph on a rule's behalf.
 
-Each iteration offers every node of a snapshot of the graph to every rule in order and
-rewrites at once (matches overlap, so they are never collected and applied later). The
-loop stops when an iteration changes nothing; a cap on iterations turns a pair of rules
-that keep undoing each other into an error that names them. Near misses of the last
-iteration (the ones still standing at the fixed point) are kept for `--explain`.
+Each iteration offers every node of the graph to every rule in order:
+match -> check -> rewrite -> validate -> apply, at once (matches overlap, so they are never
+collected and applied later). The loop stops when an iteration changes nothing; a cap on
+iterations turns a pair of rules that keep undoing each other into an error that names them.
+Near misses still standing at the fixed point are kept for `--explain` (docs/DESIGN.md,
+"The engine loop").
+
+Transactional: a rule only describes a Replacement. An exception inside match, check or
+rewrite becomes a refusal ("internal error in rule R at node N: ...") and that (rule, node)
+is skipped for the rest of the run; a Replacement that does not fit the graph (a tensor it
+reads is gone, an inner tensor escapes) is refused the same way. Only then does `apply` touch
+the graph, and it does nothing that can fail on a validated replacement.
+
+Refusals are cached per (rule, anchor node) together with the tensors around the match; a
+rewrite that adds or removes a producer or a reader of one of those tensors drops the entry,
+so an expensive check (merge-sequential's probe of a border fill) runs again only when its
+neighbourhood changed.
 """
 
 from __future__ import annotations
@@ -16,9 +28,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxrep.errors import OnnxrepError, RulesDidNotConverge
-from onnxrep.rule import Applied, Match, Miss, Rule
-from onnxrep.surgery import is_graph_output
+from onnxrep.errors import RulesDidNotConverge, first_line
+from onnxrep.rule import (
+    Applied,
+    Match,
+    Miss,
+    NewNode,
+    NewValue,
+    NewWeight,
+    Refusal,
+    Replacement,
+    Rule,
+)
+from onnxrep.surgery import detach_output, fresh_namer, is_graph_output
 
 MAX_ITERATIONS = 64
 
@@ -30,19 +52,122 @@ class EngineResult:
     iterations: int = 0
 
 
-def escaping_tensors(graph: gs.Graph, match: Match) -> str | None:
-    """No tensor computed inside a match may be read outside it, except its output."""
-    inside = {id(n) for n in match.nodes}
-    for node in match.nodes:
-        for tensor in node.outputs:
-            if tensor is match.output:
+class InvalidReplacement(Exception):
+    """A replacement that does not fit the graph: refused, never applied."""
+
+
+def _tensors_of(nodes: Sequence[gs.Node]) -> set[int]:
+    return {id(t) for n in nodes for t in (*n.inputs, *n.outputs) if t is not None}
+
+
+def validate(graph: gs.Graph, replacement: Replacement) -> None:
+    """Raise InvalidReplacement unless applying `replacement` gives a well-formed graph that
+    computes every surviving tensor as before (the replaced ones by the new nodes)."""
+    alive = {id(n) for n in graph.nodes}
+    removed = {id(n) for n in replacement.removes}
+    if len(removed) != len(replacement.removes):
+        raise InvalidReplacement("a node is removed twice")
+    for node in replacement.removes:
+        if id(node) not in alive:
+            raise InvalidReplacement(f"{node.name} is not in the graph")
+    taken_over: dict[int, gs.Tensor] = {}
+    made: set[int] = set()
+    for new in replacement.nodes:
+        for t in new.inputs:
+            if isinstance(t, NewValue):
+                if id(t) not in made:
+                    raise InvalidReplacement(f"{new.name} reads {t.hint} before it is computed")
+            elif isinstance(t, NewWeight):
+                if not isinstance(t.values, np.ndarray):
+                    raise InvalidReplacement(f"weight {t.hint} is not an array")
+            elif isinstance(t, gs.Tensor):
+                if id(t) in taken_over:
+                    continue
+                if t.name and not isinstance(t, gs.Constant) and not t.inputs and not any(
+                        t is i for i in graph.inputs):
+                    raise InvalidReplacement(f"{new.name} reads {t.name}, which nothing computes")
+                if any(id(p) in removed for p in t.inputs):
+                    raise InvalidReplacement(f"{new.name} reads {t.name}, which a removed node "
+                                             "computes and no new node does (yet)")
+            else:
+                raise InvalidReplacement(f"{new.name} reads {t!r}")
+        for t in new.outputs:
+            if isinstance(t, NewValue):
+                if id(t) in made:
+                    raise InvalidReplacement(f"{t.hint} is computed twice")
+                made.add(id(t))
+            elif isinstance(t, gs.Variable):
+                if id(t) in taken_over or not t.inputs or any(
+                        id(p) not in removed for p in t.inputs):
+                    raise InvalidReplacement(f"{new.name} would write {t.name}, which a node "
+                                             "that stays computes")
+                taken_over[id(t)] = t
+            else:
+                raise InvalidReplacement(f"{new.name} writes {t!r}")
+    removed_nodes = replacement.removes
+    for node in removed_nodes:
+        for t in node.outputs:
+            if id(t) in taken_over:
                 continue
-            if is_graph_output(graph, tensor):
-                return f"{tensor.name} (inside the match) is a graph output"
-            for reader in tensor.outputs:
-                if id(reader) not in inside:
-                    return f"{tensor.name} (inside the match) is also read by {reader.name}"
-    return None
+            if is_graph_output(graph, t):
+                raise InvalidReplacement(f"{t.name} (inside the match) is a graph output")
+            for reader in t.outputs:
+                if id(reader) not in removed:
+                    raise InvalidReplacement(f"{t.name} (inside the match) is also read by "
+                                             f"{reader.name}")
+
+
+def apply(graph: gs.Graph, replacement: Replacement) -> tuple[list[str], list[str]]:
+    """Apply a validated replacement; returns (removed node names, added node names).
+    Removed nodes give up their names first, so a new node can take the name of the node it
+    stands for."""
+    removed_names = [n.name for n in replacement.removes]
+    for node in replacement.removes:
+        node.inputs.clear()
+        node.outputs.clear()
+        node.name = ""
+    graph.nodes = [n for n in graph.nodes if n.name or n.inputs or n.outputs]
+    node_name = fresh_namer({n.name for n in graph.nodes})
+    tensor_name = fresh_namer(graph.tensors().keys())
+    values: dict[int, gs.Tensor] = {}
+
+    def resolve(t: object) -> gs.Tensor:
+        if isinstance(t, NewValue):
+            if id(t) not in values:
+                values[id(t)] = gs.Variable(tensor_name(t.hint), dtype=t.dtype)
+            return values[id(t)]
+        if isinstance(t, NewWeight):
+            return gs.Constant(tensor_name(t.hint), np.ascontiguousarray(t.values))
+        return t  # a tensor of the graph
+
+    added = []
+    for new in replacement.nodes:
+        outputs = [resolve(t) for t in new.outputs]
+        for out in outputs:
+            for old in list(out.inputs):
+                detach_output(old, out)
+        node = gs.Node(op=new.op, name=node_name(new.name), attrs=dict(new.attrs),
+                       inputs=[resolve(t) for t in new.inputs], outputs=outputs)
+        graph.nodes.append(node)
+        added.append(node.name)
+    return removed_names, added
+
+
+def _newly_dead(graph: gs.Graph, was_read: list[gs.Tensor]) -> list[gs.Node]:
+    """The nodes a rewrite left without a reader (cleanup will drop them), found by walking up
+    from the tensors the removed nodes read: their tensors lose a reader too."""
+    dead: dict[int, gs.Node] = {}
+    todo = list(was_read)
+    while todo:
+        tensor = todo.pop()
+        for node in tensor.inputs:
+            if id(node) in dead or any(
+                    any(id(r) not in dead for r in out.outputs) or is_graph_output(graph, out)
+                    for out in node.outputs):
+                continue
+            dead[id(node)] = node
+            todo.extend(t for t in node.inputs if t is not None)
+    return list(dead.values())
 
 
 def _weights_read_by(nodes: Sequence[gs.Node]) -> list[gs.Constant]:
@@ -63,10 +188,66 @@ def _release_dead(graph: gs.Graph, weights: list[gs.Constant]) -> None:
         tensor.values = np.zeros((0,), dtype=dtype)
 
 
+@dataclass
+class _Cached:
+    node: gs.Node  # held, so that its id is not reused by a new node while the entry lives
+    refusal: Refusal
+    region: set[int]  # ids of the tensors around the match (held by the graph or `node`)
+
+
+class _RefusalCache:
+    """(rule id, anchor node) -> the refusal, until a rewrite touches its neighbourhood.
+    A rule whose checks look further than its match's own tensors (a proof that walks the
+    whole graph upstream) sets `cache_refusals = False`."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, int], _Cached] = {}
+
+    def get(self, rule: str, node: gs.Node) -> Refusal | None:
+        entry = self.entries.get((rule, id(node)))
+        return None if entry is None or entry.node is not node else entry.refusal
+
+    def put(self, rule: Rule, match: Match, refusal: Refusal) -> None:
+        if getattr(rule, "cache_refusals", True):
+            region = _tensors_of([match.anchor, *match.nodes])
+            self.entries[(rule.id, id(match.anchor))] = _Cached(match.anchor, refusal, region)
+
+    def touched(self, tensors: set[int]) -> None:
+        """Drop every entry whose neighbourhood gained or lost a producer or a reader."""
+        self.entries = {k: e for k, e in self.entries.items() if not (e.region & tensors)}
+
+
+@dataclass
+class _Refused:
+    match: Match
+    refusal: Refusal
+
+
+def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node) -> Replacement | _Refused | None:
+    """match -> check -> rewrite -> validate for one anchor node: the replacement to apply,
+    a refusal, or None (no match). Exceptions propagate to `run`, which records them."""
+    match = rule.match(graph, node)
+    if match is None:
+        return None
+    plan = rule.check(graph, match)
+    if isinstance(plan, Refusal):
+        return _Refused(match, plan)
+    replacement = rule.rewrite(graph, plan)
+    try:
+        validate(graph, replacement)
+    except InvalidReplacement as exc:
+        return _Refused(match, Refusal(str(exc)))
+    return replacement
+
+
 def run(
     graph: gs.Graph, rules: Sequence[Rule], max_iterations: int = MAX_ITERATIONS
 ) -> EngineResult:
     result = EngineResult()
+    cache = _RefusalCache()
+    # (rule, node) pairs whose rule raised: skipped for the rest of the run (node held, so its
+    # id is not reused)
+    broken: dict[tuple[str, int], tuple[gs.Node, Miss]] = {}
     for iteration in range(1, max_iterations + 1):
         result.iterations = iteration
         fired: Counter[str] = Counter()
@@ -76,36 +257,43 @@ def run(
             for node in list(graph.nodes):
                 if node.op not in rule.anchors or id(node) not in alive:
                     continue
-                try:
-                    match = rule.match(node, graph)
-                    reasons = [] if match is None else list(rule.check(match))
-                except Exception as exc:  # a rule bug must not pass for a near miss
-                    raise OnnxrepError(
-                        f"internal error in rule {rule.id} at node {node.name}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                if match is None:
+                key = (rule.id, id(node))
+                if key in broken and broken[key][0] is node:
+                    misses.append(broken[key][1])
                     continue
-                if not reasons:
-                    escape = escaping_tensors(graph, match)
-                    if escape:
-                        reasons.append(escape)
-                if reasons:
-                    misses.extend(Miss(rule.id, node.name, r) for r in reasons)
+                cached = cache.get(rule.id, node)
+                if cached is not None:
+                    misses.append(Miss(rule.id, node.name, cached.reason))
                     continue
-                weights = _weights_read_by(match.nodes)
                 try:
-                    result.applied.append(rule.rewrite(graph, match))
-                except Exception as exc:  # the graph may be half-rewritten: stop here
-                    raise OnnxrepError(
-                        f"internal error in rule {rule.id} rewriting {node.name}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                # cleanup drops the retired nodes at once (a dead reader would look like a
-                # second consumer to the next match); ordering waits for the end of the pass
+                    outcome = _attempt(graph, rule, node)
+                except Exception as exc:  # noqa: BLE001 - a rule bug: refuse, go on
+                    reason = (f"internal error in rule {rule.id} at node {node.name}: "
+                              f"{type(exc).__name__}: {first_line(exc)}")
+                    broken[key] = (node, Miss(rule.id, node.name, reason))
+                    misses.append(broken[key][1])
+                    continue
+                if outcome is None:
+                    continue
+                if isinstance(outcome, _Refused):
+                    cache.put(rule, outcome.match, outcome.refusal)
+                    misses.append(Miss(rule.id, node.name, outcome.refusal.reason))
+                    continue
+                weights = _weights_read_by(outcome.removes)
+                was_read = [t for n in outcome.removes for t in n.inputs if t is not None]
+                touched = _tensors_of(outcome.removes) | {
+                    id(t) for n in outcome.nodes for t in (*n.inputs, *n.outputs)
+                    if isinstance(t, gs.Tensor)}
+                removed, added = apply(graph, outcome)
+                result.applied.append(Applied(rule.id, removed, added, outcome.why))
+                touched |= _tensors_of(_newly_dead(graph, was_read))
+                touched |= _tensors_of(graph.nodes[-len(added):] if added else [])
+                cache.touched(touched)
+                # cleanup drops nodes left dead (a dead reader would look like a second
+                # consumer to the next match); ordering waits for the end of the pass
                 graph.cleanup()
-                _release_dead(graph, weights)
                 alive = {id(n) for n in graph.nodes}
+                _release_dead(graph, weights)
                 fired[rule.id] += 1
             if fired[rule.id]:
                 graph.toposort()
@@ -117,3 +305,6 @@ def run(
         f"rules still rewriting after {max_iterations} iterations: {names}; "
         "rerun with --skip for one of them and report the model"
     )
+
+
+__all__ = ["EngineResult", "InvalidReplacement", "NewNode", "apply", "run", "validate"]

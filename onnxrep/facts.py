@@ -1,46 +1,54 @@
-"""Shared preconditions. Each fact returns None when it holds, else the reason it fails.
+"""Shared preconditions (docs/DESIGN.md, "Facts").
 
-Reasons name the tensor or node at fault, so that `--explain` and the report can say
-exactly why a rule did not fire ("conv_3x3 output has 2 consumers").
+One convention: a fact returns its value when it holds - a predicate's value is None - and a
+`Refusal` with the reason when it does not. Reasons name the tensor or node at fault, so that
+`--explain` and the report can say exactly why a rule did not fire ("conv_3x3 output has 2
+consumers"). Every rule that reads a BatchNormalization, a Conv's parameters or an
+AveragePool as a convolution asks here, so each precondition is written once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxrep.surgery import constant_value, is_graph_output, producer
+from onnxrep import kernels
+from onnxrep.query import (
+    attr_ints,
+    attr_str,
+    constant_value,
+    is_graph_output,
+    optional_input,
+    producer,
+)
+from onnxrep.rule import Refusal
 
 
-def sole_consumer(graph: gs.Graph, tensor: gs.Tensor, consumer: gs.Node) -> str | None:
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor, consumer: gs.Node) -> Refusal | None:
     """`tensor` is read by `consumer` alone, once, and is not a graph output."""
     if is_graph_output(graph, tensor):
-        return f"{tensor.name} is a graph output"
+        return Refusal(f"{tensor.name} is a graph output")
     readers = list(tensor.outputs)
     if len(readers) != 1 or readers[0] is not consumer:
-        return f"{tensor.name} has {len(readers)} consumers"
+        return Refusal(f"{tensor.name} has {len(readers)} consumers")
     if sum(1 for t in consumer.inputs if t is tensor) != 1:
-        return f"{tensor.name} is read twice by {consumer.name}"
+        return Refusal(f"{tensor.name} is read twice by {consumer.name}")
     return None
 
 
-def is_const(tensor: gs.Tensor, what: str) -> str | None:
-    if constant_value(tensor) is None:
-        return f"{what} '{tensor.name}' is not a constant"
-    return None
-
-
-def float_const(tensor: gs.Tensor, what: str) -> str | None:
+def float_const(tensor: gs.Tensor, what: str) -> np.ndarray | Refusal:
+    """The value of a finite floating-point constant."""
     value = constant_value(tensor)
     if value is None:
-        return f"{what} '{tensor.name}' is not a constant"
+        return Refusal(f"{what} '{tensor.name}' is not a constant")
     if value.dtype.kind != "f":
-        return f"{what} '{tensor.name}' is {value.dtype}, not floating point"
+        return Refusal(f"{what} '{tensor.name}' is {value.dtype}, not floating point")
     if not np.all(np.isfinite(value)):
-        return f"{what} '{tensor.name}' holds inf or nan"
-    return None
+        return Refusal(f"{what} '{tensor.name}' holds inf or nan")
+    return value
 
 
 def channel_vector(
@@ -48,7 +56,8 @@ def channel_vector(
 ) -> np.ndarray | None:
     """The per-channel vector [channels] that `value` broadcasts to along `channel_axis` of a
     rank-`rank` tensor, or None if it broadcasts along any other axis or widens the output
-    (a [C] vector against NCHW scales W, not C: numpy aligns trailing axes)."""
+    (a [C] vector against NCHW scales W, not C: numpy aligns trailing axes). Pure arithmetic
+    on shapes; callers word the refusal."""
     if value.ndim > rank:
         return None
     full = value.reshape((1,) * (rank - value.ndim) + value.shape)
@@ -61,46 +70,120 @@ def channel_vector(
     return np.broadcast_to(full.reshape(-1), (channels,)).astype(np.float64)
 
 
-def batchnorm_affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
-    """An inference BatchNormalization as y = a * x + c per channel, or the reason it is not."""
+def batchnorm_affine(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | Refusal:
+    """An inference BatchNormalization as y = a * x + c per channel (float64), or why not.
+
+    Owns every precondition of reading a BN as a fixed affine map: the op, spatial=1 (opset
+    < 9's per-element statistics are not per channel), training_mode=0, running-statistics
+    outputs unused, four finite float constant parameters of one length, var + eps > 0."""
     if node.op != "BatchNormalization":
-        return f"{node.name} is {node.op}, not BatchNormalization"
+        return Refusal(f"{node.name} is {node.op}, not BatchNormalization")
+    if int(node.attrs.get("spatial", 1)) != 1:
+        return Refusal(f"{node.name} has spatial=0 (per-element statistics)")
     if int(node.attrs.get("training_mode", 0)) != 0:
-        return f"{node.name} has training_mode=1 (batch statistics, not a fixed affine map)"
+        return Refusal(f"{node.name} has training_mode=1 (batch statistics, not a fixed "
+                       "affine map)")
     if len(node.outputs) > 1 and any(len(t.outputs) for t in node.outputs[1:]):
-        return f"{node.name} outputs running statistics that are used"
+        return Refusal(f"{node.name} outputs running statistics that are used")
     params = node.inputs[1:5]
     if len(params) != 4:
-        return f"{node.name} has {len(params)} parameter inputs, expected 4"
+        return Refusal(f"{node.name} has {len(params)} parameter inputs, expected 4")
+    values = []
     for tensor, what in zip(params, ("scale", "bias", "mean", "var"), strict=True):
-        reason = float_const(tensor, f"{node.name} {what}")
-        if reason:
-            return reason
-    from onnxrep.kernels import bn_affine  # local: facts stays importable without kernels
-
-    gamma, beta, mean, var = (constant_value(t) for t in params)
+        value = float_const(tensor, f"{node.name} {what}")
+        if isinstance(value, Refusal):
+            return value
+        values.append(value.reshape(-1))
+    if len({v.shape for v in values}) != 1:
+        return Refusal(f"{node.name} parameters differ in length")
+    gamma, beta, mean, var = values
     eps = float(node.attrs.get("epsilon", 1e-5))
     if np.any(var.astype(np.float64) + eps <= 0):
-        return f"{node.name} has var + epsilon <= 0"
-    return bn_affine(gamma, beta, mean, var, eps)
+        return Refusal(f"{node.name} has var + epsilon <= 0")
+    return kernels.bn_affine(gamma, beta, mean, var, eps)
 
 
-def conv_params(node: gs.Node) -> str | None:
-    """A Conv / ConvTranspose whose weight (and bias, if any) are float constants, 2-D
-    spatial, with explicit padding (auto_pad NOTSET or VALID)."""
-    reason = float_const(node.inputs[1], f"{node.name} weight")
-    if reason:
-        return reason
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        reason = float_const(node.inputs[2], f"{node.name} bias")
-        if reason:
-            return reason
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
+def explicit_padding(node: gs.Node) -> Refusal | None:
+    """auto_pad NOTSET or VALID: the pads attribute says the padding for every input size."""
+    auto_pad = attr_str(node, "auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
-        return f"{node.name} uses auto_pad={auto_pad}"
+        return Refusal(f"{node.name} uses auto_pad={auto_pad}")
     return None
+
+
+def conv_params(node: gs.Node) -> Refusal | None:
+    """A Conv / ConvTranspose whose weight (and bias, if any) are finite float constants,
+    with explicit padding (auto_pad NOTSET or VALID)."""
+    checks = [float_const(node.inputs[1], f"{node.name} weight")]
+    bias = optional_input(node, 2)
+    if bias is not None:
+        checks.append(float_const(bias, f"{node.name} bias"))
+    for value in checks:
+        if isinstance(value, Refusal):
+            return value
+    return explicit_padding(node)
+
+
+def pool_as_depthwise(pool: gs.Node, channels: int
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | Refusal:
+    """AveragePool(k, s, pads) as the depthwise conv K[c, 0] = 1/prod(k), bias 0 (docs/RULES.md,
+    "AveragePool as a convolution"): exact when it pads nothing or counts the padding
+    (count_include_pad=1), with ceil_mode 0 and explicit padding."""
+    kernel = attr_ints(pool, "kernel_shape", [])
+    if len(kernel) != 2:
+        return Refusal(f"{pool.name} is not a 2-D pool")
+    if int(pool.attrs.get("ceil_mode", 0)):
+        return Refusal(f"{pool.name} has ceil_mode=1")
+    refusal = explicit_padding(pool)
+    if refusal:
+        return refusal
+    pads = attr_ints(pool, "pads", [0] * 2 * len(kernel))
+    if any(pads) and not int(pool.attrs.get("count_include_pad", 0)):
+        return Refusal(f"{pool.name} pads {pads} with count_include_pad=0: border averages "
+                       "divide by fewer pixels than a conv does")
+    weight = np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)))
+    attrs = {"strides": attr_ints(pool, "strides", [1] * len(kernel)), "pads": pads,
+             "dilations": attr_ints(pool, "dilations", [1] * len(kernel)), "group": channels}
+    return weight, np.zeros(channels), attrs
+
+
+@dataclass
+class GemmParams:
+    """A Gemm's constant operands, in float64 where they are numbers: y = alpha*x@B + beta*C
+    with B in the node's own layout (transB says which) and C as a per-output-feature vector
+    (zeros and beta 0 when absent)."""
+
+    matrix: np.ndarray  # B as stored (its dtype is the one to write back)
+    trans_b: bool
+    in_features: int
+    out_features: int
+    alpha: float
+    beta: float
+    c_bias: np.ndarray
+
+
+def gemm_params(gemm: gs.Node) -> GemmParams | Refusal:
+    """A Gemm's finite float constant B and per-output-feature constant C (transA is the
+    caller's: it matters only to a fold on the Gemm's input side)."""
+    matrix = float_const(gemm.inputs[1], f"{gemm.name} B")
+    if isinstance(matrix, Refusal):
+        return matrix
+    if matrix.ndim != 2:
+        return Refusal(f"{gemm.name} B is {matrix.ndim}-D")
+    trans_b = bool(gemm.attrs.get("transB", 0))
+    k, out = (matrix.shape[1], matrix.shape[0]) if trans_b else matrix.shape
+    c_tensor = optional_input(gemm, 2)
+    c_bias, beta = np.zeros(out), 0.0
+    if c_tensor is not None:
+        value = float_const(c_tensor, f"{gemm.name} C")
+        if isinstance(value, Refusal):
+            return value
+        c_bias = channel_vector(value, out, rank=2)
+        if c_bias is None:
+            return Refusal(f"{gemm.name} C {list(value.shape)} is not per output feature")
+        beta = float(gemm.attrs.get("beta", 1.0))
+    return GemmParams(matrix, trans_b, int(k), int(out), float(gemm.attrs.get("alpha", 1.0)),
+                      beta, c_bias)
 
 
 def produced_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -108,145 +191,10 @@ def produced_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
     return node if node is not None and node.op == op else None
 
 
-# Non-negativity (the hard precondition of residual removal, RULES-SPEC §10). ---------------
-
-_NONNEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "Softmax", "Abs", "Exp"})
-# y >= 0 whenever the data input (input 0) is: they select, average, move or copy values.
-_SIGN_OF_DATA_OPS = frozenset({
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
-    "Transpose", "Slice", "Squeeze", "Unsqueeze", "Identity",
-})
-_NONNEGATIVE_IF_ALL_OPS = frozenset({"Concat", "Add", "Mul", "Min"})  # every input >= 0
-_MAX_PROOF_DEPTH = 64
-_MAX_CHAIN_TEXT = 160
-
-_Sign = tuple[bool, str]  # (proven, the chain that proves it or the first unknown link)
+# TRANSITION: old names for rule files not yet on the new contract (removed when all are)
+from onnxrep.nonnegative import clip_bounds, nonnegative  # noqa: E402, F401
 
 
-@dataclass(frozen=True)
-class Proof:
-    """Why `tensor` is >= 0 everywhere; `chain` reads from the tensor towards its sources."""
-
-    tensor: str
-    chain: str
-
-    def __str__(self) -> str:
-        return f"{self.tensor} >= 0 via {self.chain}"
-
-
-def clip_bounds(node: gs.Node) -> tuple[float, float] | str:
-    """(min, max) of a Clip, -inf/+inf for an absent bound (opset 11+ inputs or opset 6
-    attributes), or the reason they are not constants."""
-    if "min" in node.attrs or "max" in node.attrs:
-        return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
-    bounds = [-np.inf, np.inf]
-    for i in (1, 2):
-        if len(node.inputs) > i and node.inputs[i] is not None and node.inputs[i].name:
-            value = constant_value(node.inputs[i])
-            if value is None or value.size != 1:
-                return f"{node.name} bound '{node.inputs[i].name}' is not a constant scalar"
-            bounds[i - 1] = float(value.reshape(-1)[0])
-    return bounds[0], bounds[1]
-
-
-def nonnegative(
-    graph: gs.Graph, tensor: gs.Tensor, memo: dict[int, _Sign] | None = None
-) -> Proof | None:
-    """A proof that `tensor` >= 0 for every input of the graph, or None (unknown means no).
-
-    Conservative: sources are Relu, Sigmoid, Softmax, Abs, Exp, Clip with min >= 0, Max with
-    an operand >= 0 and constants >= 0; MaxPool / AveragePool / GlobalAveragePool / Reshape /
-    Flatten / Transpose / Slice / Squeeze / Unsqueeze / Pad (constant value >= 0, or
-    reflect/edge/wrap) / Resize (nearest) of a tensor >= 0, and Concat / Add / Mul / Min of
-    tensors >= 0, stay >= 0. `memo` (tensor id -> result) may be shared by calls that see the
-    same, unmodified graph; without it each call memoises on its own.
-    """
-    proven, chain = _sign(graph, tensor, {} if memo is None else memo, 0)
-    return Proof(tensor.name, chain) if proven else None
-
-
-def not_nonnegative_reason(graph: gs.Graph, tensor: gs.Tensor) -> str | None:
-    """None when `tensor` is provably >= 0, else why not, down to the first unknown link."""
-    proven, chain = _sign(graph, tensor, {}, 0)
-    return None if proven else f"'{tensor.name}' is not provably non-negative ({chain})"
-
-
-def _sign(graph: gs.Graph, tensor: gs.Tensor, memo: dict[int, _Sign], depth: int) -> _Sign:
-    key = id(tensor)
-    if key not in memo:
-        memo[key] = _sign_uncached(graph, tensor, memo, depth)
-    return memo[key]
-
-
-def _sign_uncached(graph: gs.Graph, tensor: gs.Tensor, memo: dict[int, _Sign],
-                   depth: int) -> _Sign:
-    value = constant_value(tensor)
-    if value is not None:
-        if value.dtype.kind in "fiu" and value.size and bool(np.all(value >= 0)):
-            return True, f"constant {tensor.name} >= 0"
-        return False, f"constant {tensor.name} has entries < 0 (or nan)"
-    node = producer(tensor)
-    if node is None:
-        what = "a graph input" if any(t is tensor for t in graph.inputs) else "not computed"
-        return False, f"{tensor.name} is {what}"
-    label = f"{node.op}({node.name})"
-    if depth >= _MAX_PROOF_DEPTH:
-        return False, f"{label}: proof depth limit"
-    if node.outputs[0] is not tensor:
-        return False, f"{tensor.name} is a secondary output of {label}"
-
-    def operand(t: gs.Tensor) -> _Sign:
-        return _sign(graph, t, memo, depth + 1)
-
-    def through(t: gs.Tensor) -> _Sign:
-        proven, chain = operand(t)
-        return proven, f"{label} <- {chain}"
-
-    data = [t for t in node.inputs if t is not None and t.name]
-    if node.op in _NONNEGATIVE_OPS:
-        return True, label
-    if node.op == "Clip":
-        bounds = clip_bounds(node)
-        if isinstance(bounds, str):
-            return False, bounds
-        if bounds[0] >= 0:
-            return True, f"Clip({node.name}, min {bounds[0]:g})"
-        if bounds[1] >= 0:
-            return through(node.inputs[0])
-        return False, f"{label} has max < 0"
-    if node.op == "Max":
-        failures = []
-        for t in data:
-            proven, chain = operand(t)
-            if proven:
-                return True, f"{label} <- {chain}"
-            failures.append(chain)
-        return False, f"{label} <- no operand >= 0 ({'; '.join(failures)})"
-    if node.op in _SIGN_OF_DATA_OPS:
-        return through(node.inputs[0])
-    if node.op == "Pad":
-        mode = node.attrs.get("mode", "constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode == "constant" and len(node.inputs) > 2 and node.inputs[2].name:
-            proven, chain = operand(node.inputs[2])
-            if not proven:
-                return False, f"{label} pad value: {chain}"
-        elif mode == "constant" and float(node.attrs.get("value", 0.0)) < 0:
-            return False, f"{label} pads with a value < 0"
-        return through(node.inputs[0])
-    if node.op == "Resize":
-        mode = node.attrs.get("mode", "nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode != "nearest":
-            return False, f"{label} interpolates ({mode})"
-        return through(node.inputs[0])
-    if node.op in _NONNEGATIVE_IF_ALL_OPS:
-        chains = []
-        for t in data:
-            proven, chain = operand(t)
-            if not proven:
-                return False, f"{label} <- {chain}"
-            # a DAG's chains would grow exponentially as text: long ones are named, not told
-            chains.append(chain if len(chain) <= _MAX_CHAIN_TEXT else f"{t.name} >= 0")
-        return True, f"{label} of ({'; '.join(chains)})"
-    return False, f"{label} is not known to give >= 0"
+def not_nonnegative_reason(graph: gs.Graph, tensor: gs.Tensor) -> str | None:  # TRANSITION
+    proof = nonnegative(graph, tensor)
+    return proof.reason if isinstance(proof, Refusal) else None

@@ -23,7 +23,8 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from onnxrep import io
 from onnxrep.errors import OnnxrepError
 from onnxrep.io import SplitModel, has_data, payload_bytes
-from onnxrep.surgery import bypass, constant_value
+from onnxrep.query import constant_value
+from onnxrep.surgery import bypass
 
 G_LOGGER.severity = G_LOGGER.ERROR
 log = logging.getLogger(__name__)

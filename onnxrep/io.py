@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper as edh
 
-from onnxrep.errors import OnnxrepError
+from onnxrep.errors import OnnxrepError, first_line
 
 TWO_GB = 2**31 - 1
 _EXTERNAL_THRESHOLD = 256  # bytes: smaller tensors (scalars, shapes) stay inline
@@ -31,11 +31,6 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
     external_data: bool  # the file kept (some) weights in an external data file
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _check_initializer_sizes(model: onnx.ModelProto) -> None:
@@ -68,10 +63,10 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
             external = any(edh.uses_external_data(t) for t in edh._get_all_tensors(model))
     except DecodeError as exc:
         raise OnnxrepError(
-            f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})"
+            f"{path}: not an ONNX model (protobuf parse failed: {first_line(exc)})"
         ) from exc
     except (OSError, ValueError, RuntimeError) as exc:
-        raise OnnxrepError(f"{path}: cannot read model: {_first_line(exc)}") from exc
+        raise OnnxrepError(f"{path}: cannot read model: {first_line(exc)}") from exc
     if model.ir_version <= 0 or not model.opset_import or not model.graph.output:
         raise OnnxrepError(f"{path}: not an ONNX model (no IR version, opset or graph outputs)")
     if any(edh.uses_external_data(t) for t in edh._get_all_tensors(model)):
@@ -86,10 +81,10 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
                 else:  # a subgraph's or an attribute's tensor: rare and small, read now
                     edh.load_external_data_for_tensor(tensor, str(path.parent))
         except FileNotFoundError as exc:
-            missing = getattr(exc, "filename", None) or _first_line(exc)
+            missing = getattr(exc, "filename", None) or first_line(exc)
             raise OnnxrepError(f"{path}: external data file missing: {missing}") from exc
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise OnnxrepError(f"{path}: cannot read external data: {_first_line(exc)}") from exc
+            raise OnnxrepError(f"{path}: cannot read external data: {first_line(exc)}") from exc
     _check_initializer_sizes(model)
     check(model, str(path))
     return LoadedModel(model=model, path=path, external_data=external)
@@ -249,7 +244,7 @@ def check(model: onnx.ModelProto, what: str = "model") -> None:
     try:
         onnx.checker.check_model(_without_data(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise OnnxrepError(f"{what}: invalid ONNX model: {_first_line(exc)}") from exc
+        raise OnnxrepError(f"{what}: invalid ONNX model: {first_line(exc)}") from exc
 
 
 def _copy_fields(dst: Message, src: Message, skip: str) -> None:

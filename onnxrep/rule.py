@@ -1,49 +1,109 @@
-"""The contract between the engine and a rule file.
+"""The contract between the engine and a rule (docs/DESIGN.md, "The rule contract").
 
-A rule is anchored on op types. For each node of those types the engine calls
-`match(node, graph)` (structural walk, no mutation), then `check(match)` (a flat list of
-failed preconditions, each a human-readable reason), then - only when `check` returned
-nothing and no tensor inside the match escapes it - `rewrite(graph, match)`, which mutates
-the graph and returns an `Applied` record. A rule never reaches into the engine; the engine
-never looks inside a match's roles.
+A rule is anchored on op types. For each node of those types the engine calls, in turn:
+
+    match(graph, node)   -> Match | None          structural walk; reads, never writes
+    check(graph, match)  -> Plan | Refusal         every precondition; the rule's own plan
+    rewrite(graph, plan) -> Replacement            a *description* of the new nodes
+
+None of the three mutates the graph: the engine alone applies a Replacement (validation,
+naming, rewiring, cleanup, freeing dead weights), so a rule that raises changes nothing. A
+`Refusal` carries the reason that `--explain` and the JSON report show; the engine turns an
+exception inside a rule into a refusal naming the rule and the node.
+
+Each rule defines its own small `@dataclass` Match (a subclass of `Match`, with typed fields
+for what it bound) and its own Plan (any dataclass); the engine reads neither beyond the base
+fields of `Match`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 
 @dataclass
 class Match:
-    """What `match` bound.
+    """What `match` bound: the anchor, and the nodes a rewrite of it would replace.
 
-    `nodes` are the nodes the rewrite replaces; `output` is the tensor the replacement
-    produces. Every other tensor that a node of `nodes` produces must be consumed only
-    inside `nodes` (the engine checks this before any rewrite). `roles` holds the
-    rule's own bindings by name.
+    `nodes` is what the engine uses to cache a refusal (their tensors are the match's
+    neighbourhood); a rule's own fields live in its subclass.
     """
 
     anchor: gs.Node
     nodes: list[gs.Node]
-    output: gs.Tensor
-    roles: dict[str, Any] = field(default_factory=dict)
 
-    def __getitem__(self, key: str) -> Any:
-        return self.roles[key]
 
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.roles[key] = value
+@dataclass(frozen=True)
+class Refusal:
+    """A failed precondition, in words that name the tensor or node at fault."""
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.roles.get(key, default)
+    reason: str
+
+    @staticmethod
+    def first(*reasons: Refusal | None) -> Refusal | None:
+        """The first refusal among the arguments (facts return None when they hold)."""
+        return next((r for r in reasons if r is not None), None)
+
+
+@dataclass(eq=False)
+class NewValue:
+    """A tensor the replacement computes (the engine gives it a fresh name from `hint`)."""
+
+    hint: str
+    dtype: Any = None
+
+
+@dataclass(eq=False)
+class NewWeight:
+    """A constant the replacement adds (the engine gives it a fresh name from `hint`)."""
+
+    hint: str
+    values: np.ndarray
+
+
+# What a new node may read: a tensor of the graph as it is, a value computed by an earlier
+# new node, or a new constant.
+Input = Union[gs.Tensor, NewValue, NewWeight]  # noqa: UP007 - also a runtime alias
+
+
+@dataclass(eq=False)
+class NewNode:
+    """One node of a replacement.
+
+    `outputs` are NewValues, or tensors of the graph that a replaced node produces now: the
+    new node takes over producing them (their names, readers and graph-output status stay).
+    `name` is the preferred name; the engine makes it unique once the replaced nodes are gone,
+    so a merged Conv keeps the name of the Conv it stands for.
+    """
+
+    op: str
+    name: str
+    inputs: list[Input]
+    outputs: list[gs.Tensor | NewValue]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Replacement:
+    """`removes` go, `nodes` come (in order: a node reads only earlier nodes' NewValues).
+
+    Every tensor that a removed node produces must either be produced by a new node or be
+    read only by removed nodes (and not be a graph output); the engine checks this, and
+    everything else, before it changes anything.
+    """
+
+    removes: list[gs.Node]
+    nodes: list[NewNode]
+    why: str
 
 
 @dataclass
 class Miss:
-    """A near miss: the structure matched but a precondition failed."""
+    """A near miss: the structure matched but a precondition failed (or the rule failed)."""
 
     rule: str
     node: str
@@ -72,8 +132,20 @@ class Rule(Protocol):
     anchors: tuple[str, ...]  # op types the engine offers to `match`
     opt_in: bool  # only run when asked for (e.g. --remove-residuals)
 
-    def match(self, node: gs.Node, graph: gs.Graph) -> Match | None: ...
+    def match(self, graph: gs.Graph, node: gs.Node) -> Match | None: ...
 
-    def check(self, match: Match) -> list[str]: ...
+    def check(self, graph: gs.Graph, match: Any) -> Any: ...  # a Plan, or a Refusal
 
-    def rewrite(self, graph: gs.Graph, match: Match) -> Applied: ...
+    def rewrite(self, graph: gs.Graph, plan: Any) -> Replacement: ...
+
+
+def conv_node(name: str, x: Input, out: gs.Tensor | NewValue, weight: np.ndarray,
+              bias: np.ndarray | None, attrs: dict[str, Any], op: str = "Conv") -> NewNode:
+    """A new Conv (or ConvTranspose) node reading `x`. kernel_shape is derived from the weight,
+    never copied (a merged kernel is larger than the branch whose attributes it keeps)."""
+    attrs = {k: v for k, v in attrs.items() if k != "kernel_shape"}
+    attrs["kernel_shape"] = [int(k) for k in weight.shape[2:]]
+    inputs: list[Input] = [x, NewWeight(f"{name}.weight", weight)]
+    if bias is not None:
+        inputs.append(NewWeight(f"{name}.bias", bias))
+    return NewNode(op, name, inputs, [out], attrs)

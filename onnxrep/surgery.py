@@ -1,35 +1,19 @@
-"""Graph surgery shared by the rules: reading constants, fresh names, new nodes.
-
-Rules call these; none of them knows about rules or the engine.
+"""Graph changes: fresh names, new nodes, rewiring. Only the engine and normalize change a
+graph, so only they import this module; rules describe their rewrites (onnxrep.rule) and read
+the graph through onnxrep.query.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or folded Constant), else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    return None
-
-
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    """The node that computes `tensor`, or None for graph inputs and constants."""
-    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
-
-
-def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(t is tensor for t in graph.outputs)
-
-
-def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(t is tensor for t in graph.inputs)
+from onnxrep.query import is_graph_input, is_graph_output, producer
+# TRANSITION: re-exports for rule files not yet on the new contract (removed when all are)
+from onnxrep.query import constant_value, conv_attrs, conv_weight_bias  # noqa: F401, E402
 
 
 def _fresh(taken: Container[str], base: str) -> str:
@@ -40,6 +24,18 @@ def _fresh(taken: Container[str], base: str) -> str:
     while f"{base}_{i}" in taken:
         i += 1
     return f"{base}_{i}"
+
+
+def fresh_namer(taken: Iterable[str]) -> Callable[[str], str]:
+    """A function giving `base` or `base_2`, ... : names not in `taken` nor given before."""
+    used = set(taken)
+
+    def fresh(base: str) -> str:
+        name = _fresh(used, base)
+        used.add(name)
+        return name
+
+    return fresh
 
 
 def fresh_node_name(graph: gs.Graph, base: str) -> str:
@@ -124,27 +120,6 @@ def bypass(graph: gs.Graph, node: gs.Node, through: gs.Tensor) -> bool:
     node.inputs.clear()
     node.outputs.clear()
     return True
-
-
-def conv_attrs(node: gs.Node) -> dict[str, Any]:
-    """strides, pads [begins..., ends...], dilations and group of a Conv, with ONNX defaults."""
-    spatial = len(constant_value(node.inputs[1]).shape) - 2
-    pads = list(node.attrs.get("pads", [0] * (2 * spatial)))
-    return {
-        "strides": list(node.attrs.get("strides", [1] * spatial)),
-        "pads": [int(p) for p in pads],
-        "dilations": list(node.attrs.get("dilations", [1] * spatial)),
-        "group": int(node.attrs.get("group", 1)),
-    }
-
-
-def conv_weight_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
-    """Weight and bias (None when the Conv has none) of a Conv with constant parameters."""
-    weight = constant_value(node.inputs[1])
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        bias = constant_value(node.inputs[2])
-    return weight, bias
 
 
 def replace_with_conv(

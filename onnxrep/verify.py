@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxrep.errors import OnnxrepError
+from onnxrep.errors import OnnxrepError, first_line
 from onnxrep.io import TWO_GB, SplitModel, save_atomic, serialize
 
 ort.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are not ours to print
@@ -77,8 +77,7 @@ def session(model: ModelRef, threads: int = 0, optimize: bool = False) -> ort.In
                 return ort.InferenceSession(str(path), options, providers=providers)
         return ort.InferenceSession(str(model), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types; one line for users
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxrepError(f"onnxruntime cannot load the model: {line}") from exc
+        raise OnnxrepError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -166,8 +165,8 @@ def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -
     try:
         return sess.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - one line for users
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxrepError(f"onnxruntime failed to run the {which} model: {line}") from exc
+        raise OnnxrepError(f"onnxruntime failed to run the {which} model: {first_line(exc)}"
+                           ) from exc
 
 
 def verify(
