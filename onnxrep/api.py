@@ -18,7 +18,6 @@ from onnxrep import graph as graph_mod
 from onnxrep.errors import OnnxrepError
 from onnxrep.report import Report, macs, op_counts, parameter_count, stamp
 from onnxrep.rule import Rule
-from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL
 from onnxrep.verify import verify as run_verification
 
 __version__ = "0.1.0"
@@ -72,8 +71,8 @@ def fuse(
     skip: Iterable[str] = (),
     remove_residuals: bool = False,
     verify: bool = True,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     input_shapes: dict[str, list[int]] | None = None,
 ) -> Result:
     """Re-parameterize a model. `model` is a ModelProto or a path (external data is loaded

@@ -19,7 +19,7 @@ import click
 
 from onnxrep import api, io
 from onnxrep.errors import InternalError, OnnxrepError, first_line
-from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL, parse_input_shapes
+from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL, TOLERANCES, parse_input_shapes
 
 
 def _ids(value: str | None) -> list[str] | None:
@@ -63,10 +63,13 @@ def _one_line_errors(func: Callable[..., int]) -> Callable[..., None]:
 
 debug_option = click.option("--debug", is_flag=True, help="Show tracebacks.")
 verify_options = [
-    click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
-                 help="Max relative L2 error per output."),
-    click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True,
-                 help="Max absolute error per output (for outputs near zero)."),
+    click.option("--rtol", type=float, default=None,
+                 help=f"Max relative L2 error per output [default: {DEFAULT_RTOL:g}; float16 "
+                      f"{TOLERANCES['float16'][0]:g}, bfloat16 {TOLERANCES['bfloat16'][0]:g}]."),
+    click.option("--atol", type=float, default=None,
+                 help=f"Max absolute error per output, for outputs near zero [default: "
+                      f"{DEFAULT_ATOL:g}; float16 {TOLERANCES['float16'][1]:g}, bfloat16 "
+                      f"{TOLERANCES['bfloat16'][1]:g}]."),
     click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D1,D2,...",
                  help="Values of symbolic dims for verification (default 1)."),
 ]
@@ -104,7 +107,8 @@ def main() -> None:
 @debug_option
 @_one_line_errors
 def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
-         only: str | None, skip: str | None, no_verify: bool, rtol: float, atol: float,
+         only: str | None, skip: str | None, no_verify: bool, rtol: float | None,
+         atol: float | None,
          input_shape: tuple[str, ...], explain: bool, force: bool, quiet: bool) -> int:
     """Fuse SRC into an equivalent plain model written to DST."""
     shapes = parse_input_shapes(input_shape)
@@ -137,7 +141,7 @@ def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
 @_with(verify_options)
 @debug_option
 @_one_line_errors
-def verify(reference: Path, candidate: Path, rtol: float, atol: float,
+def verify(reference: Path, candidate: Path, rtol: float | None, atol: float | None,
            input_shape: tuple[str, ...]) -> int:
     """Compare two models on the same random inputs (exit 0 equal, 1 different)."""
     from onnxrep.verify import verify as run_verification

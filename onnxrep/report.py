@@ -233,9 +233,17 @@ class Report:
         v = self.verification
         if v is None:
             return "verification: skipped (--no-verify)"
-        shapes = ", ".join(f"{k}{v_}" for k, v_ in v.input_shapes.items())
-        head = (f"verification: {'passed' if v.passed else 'FAILED'} "
-                f"(rtol {v.rtol:g}, atol {v.atol:g}; inputs {shapes})")
-        rows = [f"  {o.name}: max|err| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}"
-                f"  {'ok' if o.passed else 'FAIL'}" for o in v.outputs]
+        tol = ("tolerance per dtype" if v.rtol is None and v.atol is None
+               else f"rtol {v.rtol if v.rtol is not None else 'per dtype'}, "
+                    f"atol {v.atol if v.atol is not None else 'per dtype'}")
+        head = f"verification: {'passed' if v.passed else 'FAILED'} ({tol}; {len(v.runs)} runs)"
+        by_shape: dict[str, list[str]] = {}
+        for run in v.runs:
+            shapes = ", ".join(f"{k}{d}" for k, d in run.input_shapes.items())
+            by_shape.setdefault(shapes, []).append(run.regime + ("" if run.passed else " FAIL"))
+        rows = [f"  inputs {shapes}: {', '.join(regimes)}" for shapes, regimes in by_shape.items()]
+        rows += [f"  skipped {text}" for text in v.skipped]
+        rows += [f"  {o.name}: max|err| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}"
+                 f"  {'ok' if o.passed else 'FAIL'} (rtol {o.rtol:g}, atol {o.atol:g})"
+                 for o in v.outputs]
         return "\n".join([head, *rows])

@@ -1,10 +1,21 @@
-"""Numerical proof that the fused model computes what the input model computes.
+"""Numerical evidence that the fused model computes what the input model computes
+(docs/DESIGN.md, "Verification").
 
 Two onnxruntime CPU sessions with graph optimizations disabled on both (we test our graph,
 not onnxruntime's rewrite of it), fed the same seeded random inputs of the declared dtypes.
-Symbolic dimensions take values from `input_shapes` (name -> dims) or 1. Per output: max
-absolute error, relative L2 error, and pass/fail: an output passes when its relative L2
-error is at most `rtol`, or its max absolute error at most `atol` (outputs near zero).
+
+Shapes: symbolic dimensions take values from `input_shapes` (name -> dims) or 1; when the model
+has a symbolic batch dimension it also runs at another batch size, and when it has symbolic
+spatial dimensions also at an odd size (the other parity: stride-2 alignment differs). A shape
+the *input* model does not run at is not admitted: it is skipped and reported, never held
+against the fused model.
+Values: at the first shape, four regimes - standard normal, large magnitude, all negative,
+all positive (a wrong bias hides under large values, a wrong Relu under positive ones); at the
+other shapes, standard normal.
+Per output: max absolute error, relative L2 error, and pass/fail: an output passes when its
+relative L2 error is at most rtol, or its max absolute error at most atol (outputs near zero).
+Tolerances default per output dtype (`TOLERANCES`): a float16 model rounds 2^13 times more
+coarsely than a float32 one, and its exact fusion differs from it by that much.
 """
 
 from __future__ import annotations
@@ -23,8 +34,27 @@ from onnxrep.io import TWO_GB, SplitModel, save_atomic, serialize
 
 ort.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are not ours to print
 
-DEFAULT_RTOL = 1e-5
+DEFAULT_RTOL = 1e-5  # float32 and wider
 DEFAULT_ATOL = 1e-6
+# (rtol, atol) by output dtype, when not given. float16: unit roundoff 4.9e-4; an exact
+# Conv+BN fold of a 72-term sum differs from the unfused model by ~3e-4 relative L2, a bias
+# off by 0.05 in one of 16 channels by ~2e-3 (tests/test_verify.py). bfloat16 rounds 8x more
+# coarsely still.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float16": (1e-3, 1e-3),
+    "bfloat16": (8e-3, 8e-3),
+}
+REGIMES = ("normal", "large", "negative", "positive")
+
+Dims = dict[str, list[int]]
+
+
+def tolerance(dtype: np.dtype | str, rtol: float | None, atol: float | None
+              ) -> tuple[float, float]:
+    """The (rtol, atol) for an output of `dtype`: the ones given, else its dtype's default."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    default = TOLERANCES.get(name, (DEFAULT_RTOL, DEFAULT_ATOL))
+    return (default[0] if rtol is None else rtol), (default[1] if atol is None else atol)
 
 
 @dataclass
@@ -33,15 +63,32 @@ class OutputDiff:
     max_abs: float
     rel_l2: float
     passed: bool
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+
+
+@dataclass
+class Run:
+    """One comparison: both models on the same inputs of one shape and value regime."""
+
+    input_shapes: Dims
+    regime: str
+    outputs: list[OutputDiff]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
 
 
 @dataclass
 class Verification:
     passed: bool
-    rtol: float
-    atol: float
-    outputs: list[OutputDiff] = field(default_factory=list)
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    rtol: float | None  # None: per output dtype (TOLERANCES)
+    atol: float | None
+    outputs: list[OutputDiff] = field(default_factory=list)  # each output's worst run
+    input_shapes: Dims = field(default_factory=dict)  # the first run's
+    runs: list[Run] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # shapes the input model does not admit
 
     @property
     def worst_rel_l2(self) -> float:
@@ -62,7 +109,7 @@ def session(model: ModelRef, threads: int = 0, optimize: bool = False) -> ort.In
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # onnxruntime's own ERROR lines: we say it in one line
     if threads:
         options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
@@ -80,9 +127,9 @@ def session(model: ModelRef, threads: int = 0, optimize: bool = False) -> ort.In
         raise OnnxrepError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
-def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> Dims:
     """`name:1,3,224,224` strings -> {name: dims}."""
-    shapes: dict[str, list[int]] = {}
+    shapes: Dims = {}
     for spec in specs:
         name, sep, dims = spec.rpartition(":")
         try:
@@ -94,26 +141,74 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int
     return shapes
 
 
-def random_inputs(
-    sess: ort.InferenceSession, input_shapes: dict[str, list[int]] | None = None, seed: int = 0
-) -> dict[str, np.ndarray]:
+def _symbol(dim: object, name: str, axis: int) -> str | None:
+    """The symbol a dimension stands for; None for a static one (an unnamed dynamic dim is a
+    symbol of its own)."""
+    if isinstance(dim, int) and dim > 0:
+        return None
+    return dim if isinstance(dim, str) and dim else f"{name}:{axis}"
+
+
+def shape_variants(args: list, input_shapes: Dims | None = None) -> list[Dims]:
+    """The input shapes to verify at: the given one (symbolic dims 1 where not given), then
+    another batch size when a batch dim is symbolic, then an odd spatial size (the other
+    parity) when spatial dims are symbolic. A symbol keeps one value across inputs."""
     input_shapes = input_shapes or {}
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for arg in sess.get_inputs():
-        if arg.name in input_shapes:
-            dims = input_shapes[arg.name]
-            if len(dims) != len(arg.shape):
-                raise OnnxrepError(
-                    f"--input-shape {arg.name}: {len(dims)} dims given, model has {len(arg.shape)}"
-                )
-        else:
-            dims = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
-        feeds[arg.name] = _random_tensor(rng, arg.type, dims)
-    unknown = set(input_shapes) - set(feeds)
+    unknown = set(input_shapes) - {a.name for a in args}
     if unknown:
         raise OnnxrepError(f"--input-shape names unknown inputs: {', '.join(sorted(unknown))}")
-    return feeds
+    values: dict[str, int] = {}
+    for arg in args:
+        dims = input_shapes.get(arg.name)
+        if dims is None:
+            continue
+        if len(dims) != len(arg.shape):
+            raise OnnxrepError(f"--input-shape {arg.name}: {len(dims)} dims given, model has "
+                               f"{len(arg.shape)}")
+        for axis, (dim, given) in enumerate(zip(arg.shape, dims, strict=True)):
+            symbol = _symbol(dim, arg.name, axis)
+            if symbol is not None:
+                values.setdefault(symbol, given)
+
+    def dims_with(chosen: dict[str, int]) -> Dims:
+        out: Dims = {}
+        for arg in args:
+            given = input_shapes.get(arg.name)
+            dims = []
+            for axis, dim in enumerate(arg.shape):
+                symbol = _symbol(dim, arg.name, axis)
+                if symbol is None:
+                    dims.append(given[axis] if given else int(dim))
+                else:
+                    dims.append(chosen.get(symbol, 1))
+            out[arg.name] = dims
+        return out
+
+    variants = [dims_with(values)]
+    batch = {s for a in args if len(a.shape) >= 1 and (s := _symbol(a.shape[0], a.name, 0))}
+    spatial = {s for a in args if len(a.shape) >= 3 for axis, d in enumerate(a.shape)
+               if axis >= 2 and (s := _symbol(d, a.name, axis))}
+    if batch:
+        variants.append(dims_with(values | {s: values.get(s, 1) + 1 for s in batch}))
+    if spatial:
+        variants.append(dims_with(values | {
+            s: values.get(s, 1) + (1 if values.get(s, 1) % 2 == 0 else 2) for s in spatial}))
+    unique: list[Dims] = []
+    for variant in variants:
+        if variant not in unique:
+            unique.append(variant)
+    return unique
+
+
+def random_inputs(
+    sess: ort.InferenceSession, input_shapes: Dims | None = None, seed: int = 0,
+    regime: str = "normal",
+) -> dict[str, np.ndarray]:
+    """Seeded random inputs at `input_shapes` (symbolic dims not given: 1)."""
+    dims = shape_variants(sess.get_inputs(), input_shapes)[0]
+    rng = np.random.default_rng(seed)
+    return {arg.name: _random_tensor(rng, arg.type, dims[arg.name], regime)
+            for arg in sess.get_inputs()}
 
 
 _ORT_TYPES = {
@@ -123,29 +218,40 @@ _ORT_TYPES = {
 }
 
 
-def _random_tensor(rng: np.random.Generator, ort_type: str, dims: list[int]) -> np.ndarray:
+def _random_tensor(rng: np.random.Generator, ort_type: str, dims: list[int],
+                   regime: str = "normal") -> np.ndarray:
     dtype = _ORT_TYPES.get(ort_type)
     if dtype is None:
         raise OnnxrepError(f"cannot make random inputs of type {ort_type}")
     if np.dtype(dtype).kind == "f":
-        return rng.standard_normal(dims).astype(dtype)
+        values = rng.standard_normal(dims)
+        if regime == "large":  # ~1e3 (float16: within its range after a few layers)
+            values *= 1e3 if np.dtype(dtype).itemsize > 2 else 30.0
+        elif regime == "negative":
+            values = -np.abs(values)
+        elif regime == "positive":
+            values = np.abs(values)
+        return values.astype(dtype)
     if dtype is np.bool_:
         return rng.integers(0, 2, dims).astype(np.bool_)
     return rng.integers(0, 10, dims).astype(dtype)
 
 
 def compare_outputs(
-    names: list[str], ref: list[np.ndarray], new: list[np.ndarray], rtol: float, atol: float
+    names: list[str], ref: list[np.ndarray], new: list[np.ndarray], rtol: float | None = None,
+    atol: float | None = None,
 ) -> list[OutputDiff]:
+    """Per output: errors of `new` against `ref`, pass/fail at the tolerance for its dtype."""
     diffs = []
     for name, a, b in zip(names, ref, new, strict=True):
+        out_rtol, out_atol = tolerance(np.asarray(a).dtype, rtol, atol)
         a64 = np.asarray(a, dtype=np.float64)
         b64 = np.asarray(b, dtype=np.float64)
         if a64.shape != b64.shape:
-            diffs.append(OutputDiff(name, float("inf"), float("inf"), False))
+            diffs.append(OutputDiff(name, float("inf"), float("inf"), False, out_rtol, out_atol))
             continue
         if a64.size == 0:
-            diffs.append(OutputDiff(name, 0.0, 0.0, True))
+            diffs.append(OutputDiff(name, 0.0, 0.0, True, out_rtol, out_atol))
             continue
         # Positions equal in both (the same inf, or nan in both) count as zero error; an inf
         # or nan in only one of them is an infinite error.
@@ -156,8 +262,8 @@ def compare_outputs(
         max_abs = float(np.max(np.abs(err)))
         norm = float(np.linalg.norm(np.where(np.isfinite(a64), a64, 0.0)))
         rel = float(np.linalg.norm(err) / norm) if norm > 0 else (0.0 if max_abs == 0 else np.inf)
-        passed = bool(np.isfinite(max_abs) and (rel <= rtol or max_abs <= atol))
-        diffs.append(OutputDiff(name, max_abs, rel, passed))
+        passed = bool(np.isfinite(max_abs) and (rel <= out_rtol or max_abs <= out_atol))
+        diffs.append(OutputDiff(name, max_abs, rel, passed, out_rtol, out_atol))
     return diffs
 
 
@@ -169,32 +275,63 @@ def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -
                            ) from exc
 
 
+def _shapes_text(dims: Dims) -> str:
+    return ", ".join(f"{name}{list(d)}" for name, d in dims.items())
+
+
 def verify(
     reference: ModelRef,
     candidate: ModelRef,
-    input_shapes: dict[str, list[int]] | None = None,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    input_shapes: Dims | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     seed: int = 0,
 ) -> Verification:
-    """Run both models on the same random inputs and compare every output."""
+    """Run both models on the same random inputs at every shape of `shape_variants` (every
+    value regime at the first) and compare every output; None tolerances: per output dtype."""
     ref_sess = session(reference)
     new_sess = session(candidate)
     ref_names = [o.name for o in ref_sess.get_outputs()]
     new_names = [o.name for o in new_sess.get_outputs()]
     if ref_names != new_names:
         raise OnnxrepError(f"the models' outputs differ: {ref_names} vs {new_names}")
-    feeds = random_inputs(ref_sess, input_shapes, seed)
+    inputs = {i.name for i in ref_sess.get_inputs()}
     new_inputs = {i.name for i in new_sess.get_inputs()}
-    if new_inputs != set(feeds):
-        raise OnnxrepError(f"the models' inputs differ: {sorted(feeds)} vs {sorted(new_inputs)}")
-    ref_out = _run(ref_sess, feeds, "input")
-    new_out = _run(new_sess, feeds, "fused")
-    outputs = compare_outputs(ref_names, ref_out, new_out, rtol, atol)
+    if new_inputs != inputs:
+        raise OnnxrepError(f"the models' inputs differ: {sorted(inputs)} vs {sorted(new_inputs)}")
+    variants = shape_variants(ref_sess.get_inputs(), input_shapes)
+    plan = [(variants[0], r) for r in REGIMES] + [(v, "normal") for v in variants[1:]]
+    runs: list[Run] = []
+    skipped: list[str] = []
+    for k, (dims, regime) in enumerate(plan):
+        feeds = random_inputs(ref_sess, dims, seed + k, regime)
+        if k == 0:  # the shape asked for: the input model must run there
+            ref_out = _run(ref_sess, feeds, "input")
+        else:
+            try:
+                ref_out = ref_sess.run(None, feeds)
+            except Exception as exc:  # noqa: BLE001 - a shape the input model does not admit
+                skipped.append(f"{_shapes_text(dims)}: the input model does not run there "
+                               f"({first_line(exc)})")
+                continue
+        try:
+            new_out = new_sess.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - where the input runs, the fused model must
+            if k == 0:
+                raise OnnxrepError("onnxruntime failed to run the fused model: "
+                                   f"{first_line(exc)}") from exc
+            failed = [OutputDiff(n, float("inf"), float("inf"), False) for n in ref_names]
+            runs.append(Run(dims, regime, failed))
+            continue
+        runs.append(Run(dims, regime, compare_outputs(ref_names, ref_out, new_out, rtol, atol)))
+    worst = [max((r.outputs[i] for r in runs), key=lambda o: (not o.passed, o.rel_l2))
+             for i in range(len(ref_names))]
     return Verification(
-        passed=all(o.passed for o in outputs),
+        passed=all(r.passed for r in runs),
         rtol=rtol,
         atol=atol,
-        outputs=outputs,
-        input_shapes={k: list(v.shape) for k, v in feeds.items()},
+        outputs=worst,
+        input_shapes=runs[0].input_shapes,
+        runs=runs,
+        skipped=skipped,
     )

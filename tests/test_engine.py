@@ -1,9 +1,10 @@
-"""The engine (fixed point, convergence guard, escaping-tensor guard, near misses) and
-normalize (no-op removal, constant and shape folding, CastLike)."""
+"""The engine: fixed point, convergence guard, validation of replacements (the escaping-tensor
+guard), transactional rewrites (a rule that raises changes nothing), the refusal cache, and
+near misses."""
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,22 +14,18 @@ import pytest
 import onnxrep
 from onnxrep import engine
 from onnxrep import graph as graph_mod
-from onnxrep.errors import OnnxrepError, RulesDidNotConverge
-from onnxrep.rule import Applied, Match
-from onnxrep.surgery import add_node, producer, retire
+from onnxrep.errors import InternalError, RulesDidNotConverge
+from onnxrep.query import producer
+from onnxrep.rule import Match, NewNode, NewValue, NewWeight, Refusal, Replacement
 from tests.helpers import (
-    assert_same_outputs,
     binary,
     bn,
     chain,
-    const,
     conv,
-    dims,
     expect_fused,
     fuse_model,
     initializer,
     make_model,
-    misses_for,
     node,
     op_counts,
     rand,
@@ -83,6 +80,11 @@ def test_near_misses_are_recorded_once_with_rule_node_and_reason() -> None:
 # --- fake rules ---------------------------------------------------------------------------
 
 
+@dataclass
+class Plan:
+    node: gs.Node
+
+
 class Swap:
     """A fake rule that replaces every `src` node by a `dst` node on the same tensors."""
 
@@ -92,17 +94,16 @@ class Swap:
     def __init__(self, rule_id: str, src: str, dst: str) -> None:
         self.id, self.anchors, self.dst = rule_id, (src,), dst
 
-    def match(self, n: gs.Node, graph: gs.Graph) -> Match | None:
-        return Match(anchor=n, nodes=[n], output=n.outputs[0])
+    def match(self, graph: gs.Graph, n: gs.Node) -> Match | None:
+        return Match(anchor=n, nodes=[n])
 
-    def check(self, m: Match) -> list[str]:
-        return []
+    def check(self, graph: gs.Graph, m: Match) -> Plan | Refusal:
+        return Plan(m.anchor)
 
-    def rewrite(self, graph: gs.Graph, m: Match) -> Applied:
-        x, out, name = m.anchor.inputs[0], m.output, m.anchor.name
-        removed = retire(m.nodes)
-        new = add_node(graph, self.dst, name, [x], [out])
-        return Applied(self.id, removed, [new.name], "swap")
+    def rewrite(self, graph: gs.Graph, plan: Plan) -> Replacement:
+        n = plan.node
+        return Replacement([n], [NewNode(self.dst, n.name, [n.inputs[0]], [n.outputs[0]])],
+                           "swap")
 
 
 class HidesEscape:
@@ -114,17 +115,20 @@ class HidesEscape:
     anchors = ("Relu",)
     opt_in = False
 
-    def match(self, n: gs.Node, graph: gs.Graph) -> Match | None:
+    def match(self, graph: gs.Graph, n: gs.Node) -> Match | None:
         conv_node = producer(n.inputs[0])
         if conv_node is None or conv_node.op != "Conv":
             return None
-        return Match(anchor=n, nodes=[conv_node, n], output=n.outputs[0])
+        return Match(anchor=n, nodes=[conv_node, n])
 
-    def check(self, m: Match) -> list[str]:
-        return []
+    def check(self, graph: gs.Graph, m: Match) -> Plan | Refusal:
+        return Plan(m.anchor)
 
-    def rewrite(self, graph: gs.Graph, m: Match) -> Applied:
-        raise AssertionError("the engine let an escaping tensor through")
+    def rewrite(self, graph: gs.Graph, plan: Plan) -> Replacement:
+        relu = plan.node
+        conv_node = producer(relu.inputs[0])
+        return Replacement([conv_node, relu], [
+            NewNode("Abs", "abs", [conv_node.inputs[0]], [relu.outputs[0]])], "hides")
 
 
 def relu_graph(extra_reader: bool = False, conv_is_output: bool = False) -> gs.Graph:
@@ -140,6 +144,14 @@ def relu_graph(extra_reader: bool = False, conv_is_output: bool = False) -> gs.G
     return graph_mod.normalize(model)
 
 
+def structure(graph: gs.Graph) -> list[tuple]:
+    """Everything a rule could change: nodes in order with their op, name, attributes and
+    the names and identities of the tensors they read and write, and the graph outputs."""
+    return [(n.op, n.name, repr(n.attrs), [(t.name, id(t)) for t in n.inputs],
+             [(t.name, id(t)) for t in n.outputs]) for n in graph.nodes] + [
+        [(t.name, id(t)) for t in graph.outputs]]
+
+
 def test_rules_that_undo_each_other_do_not_converge() -> None:
     graph = relu_graph()
     rules = [Swap("relu-to-abs", "Relu", "Abs"), Swap("abs-to-relu", "Abs", "Relu")]
@@ -148,6 +160,7 @@ def test_rules_that_undo_each_other_do_not_converge() -> None:
     message = str(info.value)
     assert "relu-to-abs" in message and "abs-to-relu" in message
     assert "5 iterations" in message
+    assert isinstance(info.value, InternalError)
 
 
 def test_non_convergence_through_the_api(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,6 +179,7 @@ def test_a_rule_that_converges_runs_once_per_node() -> None:
     assert [a.rule for a in result.applied] == ["relu-to-abs"]
     assert result.iterations == 2
     assert [n.op for n in graph.nodes] == ["Conv", "Abs"]
+    assert [n.name for n in graph.nodes] == ["conv", "relu"]  # the new node keeps the name
 
 
 @pytest.mark.parametrize(("extra_reader", "conv_is_output", "reason"), [
@@ -175,180 +189,190 @@ def test_a_rule_that_converges_runs_once_per_node() -> None:
 def test_escaping_tensor_blocks_a_rule_that_did_not_check(
         extra_reader: bool, conv_is_output: bool, reason: str) -> None:
     graph = relu_graph(extra_reader, conv_is_output)
+    before = structure(graph)
     result = engine.run(graph, [HidesEscape()])
     assert result.applied == []
     assert [(m.rule, m.node, m.reason) for m in result.misses] == [
         ("hides-escape", "relu", reason)]
+    assert structure(graph) == before
 
 
-def test_a_rule_that_crashes_in_match_is_an_error_not_a_miss() -> None:
-    class Crashes(Swap):
-        def match(self, n: gs.Node, graph: gs.Graph) -> Match | None:
-            raise KeyError("boom")
-
-    with pytest.raises(OnnxrepError, match="internal error in rule crash at node relu"):
-        engine.run(relu_graph(), [Crashes("crash", "Relu", "Abs")])
+# --- transactional rewrites -----------------------------------------------------------------
 
 
-# --- normalize ------------------------------------------------------------------------------
+class Raises(Swap):
+    """Swap, except that it raises in `where` for the node named `victim`."""
+
+    def __init__(self, where: str, victim: str = "relu") -> None:
+        super().__init__("raises", "Relu", "Abs")
+        self.where, self.victim = where, victim
+
+    def _maybe_raise(self, stage: str, n: gs.Node) -> None:
+        if stage == self.where and n.name == self.victim:
+            raise RuntimeError(f"boom\nsecond line of {stage}")
+
+    def match(self, graph: gs.Graph, n: gs.Node) -> Match | None:
+        self._maybe_raise("match", n)
+        return super().match(graph, n)
+
+    def check(self, graph: gs.Graph, m: Match) -> Plan | Refusal:
+        self._maybe_raise("check", m.anchor)
+        return super().check(graph, m)
+
+    def rewrite(self, graph: gs.Graph, plan: Plan) -> Replacement:
+        replacement = super().rewrite(graph, plan)
+        self._maybe_raise("rewrite", plan.node)
+        return replacement
 
 
-def normalized(model: onnx.ModelProto) -> onnxrep.Result:
-    """Normalize only (no rules), verified against the input."""
-    result = fuse_model(model, rules=[])
-    assert result.report.applied == []
-    assert result.verified, result.report.verification
-    return result
+def two_relus() -> gs.Graph:
+    nodes, inits = chain(conv("conv", "x", rand(4, 3, 1, 1), rand(4)))
+    nodes += [node("Relu", ["conv_out"], ["r1"], "relu"), node("Sigmoid", ["r1"], ["s"], "sig"),
+              node("Relu", ["s"], ["y"], "relu_2")]
+    return graph_mod.normalize(make_model(nodes, [("x", ["N", 3, 4, 4])], [("y", None)], inits))
 
 
-NEUTRAL = {
-    "Identity": None,
-    "Add(t, 0)": ("Add", np.float32(0), False),
-    "Add(0[1,C,1,1], t)": ("Add", np.zeros((1, 4, 1, 1), np.float32), True),
-    "Sub(t, 0[C,1,1])": ("Sub", np.zeros((4, 1, 1), np.float32), False),
-    "Mul(t, 1)": ("Mul", np.float32(1), False),
-    "Mul(1[1], t)": ("Mul", np.ones(1, np.float32), True),
-    "Div(t, 1)": ("Div", np.ones((1, 4, 1, 1), np.float32), False),
-}
+@pytest.mark.parametrize("where", ["match", "check", "rewrite"])
+def test_a_rule_that_raises_changes_nothing_and_the_rest_still_fuses(where: str) -> None:
+    graph = two_relus()
+    untouched = [n for n in graph.nodes if n.name in ("conv", "relu", "sig")]
+    before = [(n.op, [id(t) for t in n.inputs], [id(t) for t in n.outputs]) for n in untouched]
+    result = engine.run(graph, [Raises(where)])
+    # the other Relu was rewritten
+    assert [(a.rule, a.removed) for a in result.applied] == [("raises", ["relu_2"])]
+    assert [n.op for n in graph.nodes] == ["Conv", "Relu", "Sigmoid", "Abs"]
+    # the node whose rule raised is exactly as it was
+    assert [(n.op, [id(t) for t in n.inputs], [id(t) for t in n.outputs])
+            for n in untouched] == before
+    (miss,) = result.misses
+    assert (miss.rule, miss.node) == ("raises", "relu")
+    assert miss.reason == "internal error in rule raises at node relu: RuntimeError: boom"
 
 
-@pytest.mark.parametrize("neutral", NEUTRAL.values(), ids=NEUTRAL.keys())
-@pytest.mark.parametrize("at_output", [False, True], ids=["inside", "at-output"])
-def test_normalize_removes_noops(neutral: tuple | None, at_output: bool) -> None:
-    out = "y" if at_output else "t"
-    nodes = [node("Relu", ["x"], ["r"], "relu")]
-    inits = []
-    if neutral is None:
-        nodes.append(node("Identity", ["r"], [out], "noop"))
-    else:
-        op, value, const_first = neutral
-        n, inits = binary(op, "noop", "r", np.asarray(value), out=out, const_first=const_first)
-        nodes.append(n)
-    if not at_output:
-        nodes.append(node("Sigmoid", ["t"], ["y"], "sigmoid"))
-    model = make_model(nodes, [("x", ["N", 4, 3, 3])], [("y", None)], inits)
-    result = normalized(model)
-    expected = Counter({"Relu": 1} if at_output else {"Relu": 1, "Sigmoid": 1})
-    assert op_counts(result.model) == expected
-    assert [o.name for o in result.model.graph.output] == ["y"]
-    assert dims(result.model.graph.output[0]) == ["N", 4, 3, 3]
+def test_an_internal_error_in_a_rule_is_reported_and_the_model_written(tmp_path) -> None:
+    """Through the CLI: exit 0, the model written and verified, --explain names the failure."""
+    import onnxrep.rules
 
+    class Broken(Raises):
+        id = "fold-bn"  # takes a real rule's place, so --rules/--skip still accept it
 
-def test_normalize_removes_inference_dropout() -> None:
-    nodes = [node("Relu", ["x"], ["r"], "relu"), node("Dropout", ["r"], ["d"], "dropout"),
-             node("Sigmoid", ["d"], ["y"], "sigmoid")]
-    model = make_model(nodes, [("x", ["N", 4])], [("y", None)])
-    assert op_counts(normalized(model).model) == Counter({"Relu": 1, "Sigmoid": 1})
-
-
-@pytest.mark.parametrize(("op", "value"), [
-    ("Add", np.zeros((1, 3, 1, 1), np.float32)),  # [N,1,4,4] + [1,3,1,1] -> [N,3,4,4]
-    ("Mul", np.ones((2, 1, 4, 4), np.float32)),  # [N,1,4,4] * [2,1,4,4]: N broadcasts to 2
-    ("Add", np.zeros((1, 1, 1, 1, 1), np.float32)),  # adds a dimension
-], ids=["zeros-widen-channels", "ones-widen-batch", "zeros-add-rank"])
-def test_normalize_keeps_a_neutral_constant_that_widens_the_shape(op: str,
-                                                                  value: np.ndarray) -> None:
-    n, inits = binary(op, "widen", "r", value, out="y")
-    model = make_model([node("Relu", ["x"], ["r"], "relu"), n], [("x", [1, 1, 4, 4])],
-                       [("y", None)], inits)
-    result = normalized(model)
-    assert op_counts(result.model) == Counter({"Relu": 1, op: 1})
-    out_dims = dims(result.model.graph.output[0])
-    assert out_dims == dims(model.graph.output[0]) and out_dims != [1, 1, 4, 4]
-
-
-def test_normalize_folds_static_shape_arithmetic_and_keeps_the_dynamic_batch() -> None:
-    """Flatten as TorchScript writes it: Shape -> Gather -> Mul -> Unsqueeze -> Concat ->
-    Reshape. The static part (C*H*W) folds; the chain on the dynamic batch dim stays."""
-    scalar = lambda name, v: const(name, np.int64(v), np.int64)  # noqa: E731
-    nodes = [
-        node("Shape", ["x"], ["s"], "shape"),
-        node("Gather", ["s", "i1"], ["c"], "gather_c", axis=0),
-        node("Gather", ["s", "i2"], ["h"], "gather_h", axis=0),
-        node("Gather", ["s", "i3"], ["w"], "gather_w", axis=0),
-        node("Mul", ["c", "h"], ["ch"], "mul_ch"),
-        node("Mul", ["ch", "w"], ["chw"], "mul_chw"),
-        node("Unsqueeze", ["chw", "axes0"], ["chw1"], "unsqueeze_chw"),
-        node("Concat", ["minus1", "chw1"], ["shape_flat"], "concat_flat", axis=0),
-        node("Reshape", ["x", "shape_flat"], ["y1"], "reshape_flat"),
-        node("Gather", ["s", "i0"], ["n"], "gather_n", axis=0),
-        node("Unsqueeze", ["n", "axes0"], ["n1"], "unsqueeze_n"),
-        node("Concat", ["n1", "chw1"], ["shape_batch"], "concat_batch", axis=0),
-        node("Reshape", ["x", "shape_batch"], ["y2"], "reshape_batch"),
-    ]
-    inits = [scalar(f"i{k}", k) for k in range(4)] + [
-        const("axes0", np.array([0]), np.int64), const("minus1", np.array([-1]), np.int64)]
-    model = make_model(nodes, [("x", ["N", 3, 4, 5])], [("y1", ["N", 60]), ("y2", ["N", 60])],
-                       inits)
-    result = normalized(model)
-    assert op_counts(result.model) == Counter(
-        {"Reshape": 2, "Shape": 1, "Gather": 1, "Unsqueeze": 1, "Concat": 1})
-    flat = next(n for n in result.model.graph.node if n.output[0] == "y1")
-    np.testing.assert_array_equal(initializer(result.model, flat.input[1]), [-1, 60])
-    assert dims(result.model.graph.input[0]) == ["N", 3, 4, 5]
-    assert [dims(o) for o in result.model.graph.output] == [["N", 60], ["N", 60]]
-    x = rand(3, 3, 4, 5)
-    assert_same_outputs(model, result.model, {"x": x}, rtol=0)
-
-
-def test_castlike_of_a_constant_like_a_dynamic_input_folds() -> None:
-    """CastLike(c, x) reads only x's dtype: it folds to a float32 constant, and the
-    dynamo-style zero bias Expand(CastLike(0, x), Shape(W)[0]) disappears from the Conv."""
-    nodes = [
-        node("CastLike", ["u64", "x"], ["u"], "castlike_u"),
-        node("Relu", ["x"], ["r"], "relu"),
-        node("Add", ["r", "u"], ["y1"], "add_u"),
-        node("CastLike", ["zero64", "x"], ["zero"], "castlike_zero"),
-        node("Shape", ["W"], ["ws"], "shape_w"),
-        node("Gather", ["ws", "i0"], ["o"], "gather_o", axis=0),
-        node("Unsqueeze", ["o", "axes0"], ["o1"], "unsqueeze_o"),
-        node("Expand", ["zero", "o1"], ["b"], "expand_b"),
-        node("Conv", ["x", "W", "b"], ["y2"], "conv"),
-    ]
-    inits = [const("u64", rand(1, 3, 1, 1, seed=3, dtype=np.float64), np.float64),
-             const("zero64", np.float64(0), np.float64), const("W", rand(5, 3, 1, 1)),
-             const("i0", np.int64(0), np.int64), const("axes0", np.array([0]), np.int64)]
-    model = make_model(nodes, [("x", ["N", 3, 4, 4])], [("y1", None), ("y2", None)], inits)
-    result = normalized(model)
-    assert op_counts(result.model) == Counter({"Relu": 1, "Add": 1, "Conv": 1})
-    add = next(n for n in result.model.graph.node if n.op_type == "Add")
-    folded = initializer(result.model, next(i for i in add.input if i != "r"))
-    assert folded.dtype == np.float32
-    np.testing.assert_allclose(folded, rand(1, 3, 1, 1, seed=3, dtype=np.float64), rtol=1e-7)
-    conv_node = next(n for n in result.model.graph.node if n.op_type == "Conv")
-    bias_inputs = list(conv_node.input[2:])
-    assert all(not np.any(initializer(result.model, name)) for name in bias_inputs if name)
-    assert_same_outputs(model, result.model, {"x": rand(2, 3, 4, 4, seed=4)}, rtol=0)
-
-
-def test_fold_bn_after_dynamo_style_zero_bias() -> None:
-    """The zero bias built at run time folds first, then the BN folds into the Conv."""
-    nodes, inits = chain(bn("bn", "c", 5, out="y"))
-    nodes = [
-        node("CastLike", ["zero64", "x"], ["zero"], "castlike_zero"),
-        node("Expand", ["zero", "five"], ["b"], "expand_b"),
-        node("Conv", ["x", "W", "b"], ["c"], "conv", pads=[1, 1, 1, 1]),
-        *nodes,
-    ]
-    inits += [const("zero64", np.float64(0), np.float64), const("W", rand(5, 3, 3, 3)),
-              const("five", np.array([5]), np.int64)]
+    nodes, inits = chain(conv("conv", "x", rand(4, 3, 3, 3), rand(4), pads=[1, 1, 1, 1]),
+                         bn("bn", "conv_out", 4, out="y"))
     model = make_model(nodes, [("x", ["N", 3, 6, 6])], [("y", None)], inits)
-    result = fuse_model(model)
-    expect_fused(result, {"Conv": 1}, {"fold-bn": 1})
-    assert not misses_for(result, "fold-bn")
+    graph = graph_mod.normalize(model)
+    fold_bn = next(r for r in onnxrep.rules.RULES if r.id == "fold-bn")
+
+    class FoldBnThatRaisesInRewrite(type(fold_bn)):
+        def rewrite(self, graph: gs.Graph, plan: object) -> Replacement:
+            raise RuntimeError("injected")
+
+    result = engine.run(graph, [FoldBnThatRaisesInRewrite()] + [
+        r for r in onnxrep.rules.RULES if r.id != "fold-bn" and not r.opt_in])
+    assert [n.op for n in graph.nodes] == ["Conv", "BatchNormalization"]
+    assert any("internal error in rule fold-bn at node bn: RuntimeError: injected" == m.reason
+               for m in result.misses), result.misses
 
 
-def test_compare_outputs_counts_matching_inf_and_nan_as_equal() -> None:
-    import numpy as np
+def test_an_invalid_replacement_is_refused_not_applied() -> None:
+    class ReadsRemoved(Swap):
+        def rewrite(self, graph: gs.Graph, plan: Plan) -> Replacement:
+            n = plan.node
+            conv_node = producer(n.inputs[0])
+            # reads the conv's output, but removes the conv without replacing its output
+            return Replacement([conv_node, n], [
+                NewNode("Abs", n.name, [conv_node.outputs[0]], [n.outputs[0]])], "bad")
 
-    from onnxrep.verify import compare_outputs
+    graph = relu_graph()
+    before = structure(graph)
+    result = engine.run(graph, [ReadsRemoved("reads-removed", "Relu", "Abs")])
+    assert result.applied == []
+    assert "conv_out, which a removed node computes" in result.misses[0].reason
+    assert structure(graph) == before
 
-    ref = np.array([1.0, np.inf, np.nan, -np.inf], dtype=np.float32)
-    same = compare_outputs(["y"], [ref], [ref.copy()], 1e-5, 1e-6)[0]
-    assert same.passed and same.max_abs == 0.0
-    moved = ref.copy()
-    moved[2] = 0.0  # nan in one model only
-    assert not compare_outputs(["y"], [ref], [moved], 1e-5, 1e-6)[0].passed
-    flipped = ref.copy()
-    flipped[1] = -np.inf
-    assert not compare_outputs(["y"], [ref], [flipped], 1e-5, 1e-6)[0].passed
+
+def test_new_values_and_weights_get_fresh_names() -> None:
+    class Doubles(Swap):
+        """Sigmoid(t) -> Relu(t) * 2, naming its new tensors after ones that exist."""
+
+        def rewrite(self, graph: gs.Graph, plan: Plan) -> Replacement:
+            n = plan.node
+            mid = NewValue("conv_out", np.float32)
+            return Replacement([n], [
+                NewNode("Relu", "relu", [n.inputs[0]], [mid]),
+                NewNode("Mul", "sig", [mid, NewWeight("conv_out", np.array(2.0, np.float32))],
+                        [n.outputs[0]])], "double")
+
+    graph = two_relus()
+    result = engine.run(graph, [Doubles("double", "Sigmoid", "Relu")])
+    assert len(result.applied) == 1
+    names = [t.name for t in graph.tensors().values()]
+    assert len(names) == len(set(names)), names
+    assert sorted(n.name for n in graph.nodes) == ["conv", "relu", "relu_2", "relu_3", "sig"]
+    assert result.applied[0].removed == ["sig"]
+    assert result.applied[0].added == ["relu_3", "sig"]
+
+
+# --- the refusal cache ----------------------------------------------------------------------
+
+
+class CountsChecks(Swap):
+    """Refuses every Relu, counting how often check runs per node."""
+
+    def __init__(self) -> None:
+        super().__init__("counts", "Relu", "Relu")
+        self.checks: dict[str, int] = {}
+
+    def check(self, graph: gs.Graph, m: Match) -> Plan | Refusal:
+        self.checks[m.anchor.name] = self.checks.get(m.anchor.name, 0) + 1
+        return Refusal(f"{m.anchor.name} refused")
+
+
+def test_a_refusal_is_checked_once_while_its_neighbourhood_stands() -> None:
+    graph = two_relus()
+    counting = CountsChecks()
+    # sigmoid -> abs rewrites (twice: abs -> sigmoid? no: once) force a second iteration
+    result = engine.run(graph, [counting, Swap("sig-to-tanh", "Sigmoid", "Tanh")])
+    assert result.iterations == 2
+    assert sorted(m.node for m in result.misses) == ["relu", "relu_2"]
+    # relu's neighbourhood (conv_out, r1) was touched by the Sigmoid rewrite (it reads r1):
+    # checked again; relu_2 reads s, also written by the rewrite: checked again too
+    assert counting.checks == {"relu": 2, "relu_2": 2}
+    # a third run over the fixed point checks nothing new
+    again = engine.run(graph, [counting])
+    assert counting.checks == {"relu": 3, "relu_2": 3}
+    assert again.iterations == 1
+
+
+def test_a_refusal_far_from_a_rewrite_is_not_checked_again() -> None:
+    nodes, inits = chain(conv("conv", "x", rand(4, 3, 1, 1), rand(4)))
+    nodes += [node("Relu", ["conv_out"], ["r1"], "relu"), node("Exp", ["r1"], ["e"], "exp"),
+              node("Exp", ["e"], ["e2"], "exp2"), node("Sigmoid", ["e2"], ["y"], "sig")]
+    graph = graph_mod.normalize(make_model(nodes, [("x", ["N", 3, 4, 4])], [("y", None)], inits))
+    counting = CountsChecks()
+    result = engine.run(graph, [counting, Swap("sig-to-tanh", "Sigmoid", "Tanh")])
+    assert result.iterations == 2
+    assert counting.checks == {"relu": 1}
+    assert [m.node for m in result.misses] == ["relu"]
+
+
+def test_cli_exit_3_on_an_internal_error(tmp_path, monkeypatch) -> None:
+    """An internal error that prevents any output exits 3 (bad input is 2), one line."""
+    from click.testing import CliRunner
+
+    from onnxrep import api
+    from onnxrep import cli as cli_mod
+
+    nodes, inits = chain(conv("conv", "x", rand(4, 3, 1, 1), rand(4)))
+    src = tmp_path / "in.onnx"
+    onnx.save(make_model(nodes, [("x", [1, 3, 4, 4])], [("conv_out", None)], inits), src)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("injected\nsecond line")
+
+    monkeypatch.setattr(api, "fuse", broken)
+    done = CliRunner().invoke(cli_mod.main, ["fuse", str(src), str(tmp_path / "out.onnx")])
+    assert done.exit_code == 3
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["onnxrep: internal error: ZeroDivisionError: injected (rerun with --debug "
+                     "and report it)"]
+    assert not (tmp_path / "out.onnx").exists()
