@@ -103,7 +103,7 @@ def fuse(
         reference = path
         del source
         gc.collect()  # gs's import leaves reference cycles that still point into the proto
-    result = engine.run(graph, chosen)
+    result = engine.run(graph, chosen, check_locally=verify)
     fused = graph_mod.export(graph, like=header)
     del graph
     report.applied, report.misses = result.applied, result.misses

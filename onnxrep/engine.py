@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxrep import gs_bridge, local_check
 from onnxrep.errors import RulesDidNotConverge, first_line
 from onnxrep.rule import (
     Applied,
@@ -117,10 +118,12 @@ def validate(graph: gs.Graph, replacement: Replacement) -> None:
                                              f"{reader.name}")
 
 
-def apply(graph: gs.Graph, replacement: Replacement) -> tuple[list[str], list[str]]:
+def apply(graph: gs.Graph, replacement: Replacement,
+          shapes: dict[int, list] | None = None) -> tuple[list[str], list[str]]:
     """Apply a validated replacement; returns (removed node names, added node names).
     Removed nodes give up their names first, so a new node can take the name of the node it
-    stands for."""
+    stands for. `shapes` (id of a NewValue -> dims) are given to the new tensors."""
+    shapes = shapes or {}
     removed_names = [n.name for n in replacement.removes]
     for node in replacement.removes:
         node.inputs.clear()
@@ -134,7 +137,8 @@ def apply(graph: gs.Graph, replacement: Replacement) -> tuple[list[str], list[st
     def resolve(t: object) -> gs.Tensor:
         if isinstance(t, NewValue):
             if id(t) not in values:
-                values[id(t)] = gs.Variable(tensor_name(t.hint), dtype=t.dtype)
+                values[id(t)] = gs.Variable(tensor_name(t.hint), dtype=t.dtype,
+                                            shape=shapes.get(id(t)))
             return values[id(t)]
         if isinstance(t, NewWeight):
             return gs.Constant(tensor_name(t.hint), np.ascontiguousarray(t.values))
@@ -179,13 +183,8 @@ def _release_dead(graph: gs.Graph, weights: list[gs.Constant]) -> None:
     in a reference cycle with its own input/output lists, so it would otherwise wait for
     Python's cycle collector, and a 0.5 GB model would hold old and new weights at once."""
     for tensor in weights:
-        if tensor.outputs or is_graph_output(graph, tensor):
-            continue
-        try:
-            dtype = np.dtype(tensor.dtype)
-        except TypeError:
-            continue  # still an unread proto (a type numpy lacks): nothing big to free
-        tensor.values = np.zeros((0,), dtype=dtype)
+        if not tensor.outputs and not is_graph_output(graph, tensor):
+            gs_bridge.release_values(tensor)
 
 
 @dataclass
@@ -223,9 +222,18 @@ class _Refused:
     refusal: Refusal
 
 
-def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node) -> Replacement | _Refused | None:
-    """match -> check -> rewrite -> validate for one anchor node: the replacement to apply,
-    a refusal, or None (no match). Exceptions propagate to `run`, which records them."""
+@dataclass
+class _Accepted:
+    match: Match
+    replacement: Replacement
+    checked: str  # what the local check did, or why it did not run
+
+
+def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node, check_locally: bool
+             ) -> _Accepted | _Refused | None:
+    """match -> check -> rewrite -> validate -> local check for one anchor node: the
+    replacement to apply, a refusal, or None (no match). Exceptions propagate to `run`, which
+    records them."""
     match = rule.match(graph, node)
     if match is None:
         return None
@@ -237,12 +245,23 @@ def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node) -> Replacement | _Refus
         validate(graph, replacement)
     except InvalidReplacement as exc:
         return _Refused(match, Refusal(str(exc)))
-    return replacement
+    if not check_locally:
+        return _Accepted(match, replacement, "not checked: local checks off")
+    local = local_check.check(graph, replacement)
+    if not local.passed:
+        return _Refused(match, Refusal(f"local check failed, rewrite not applied: "
+                                       f"{local.detail} (a bug in rule {rule.id}: please "
+                                       "report it)"))
+    replacement.shapes = local.shapes
+    return _Accepted(match, replacement, local.detail)
 
 
 def run(
-    graph: gs.Graph, rules: Sequence[Rule], max_iterations: int = MAX_ITERATIONS
+    graph: gs.Graph, rules: Sequence[Rule], max_iterations: int = MAX_ITERATIONS,
+    check_locally: bool = False,
 ) -> EngineResult:
+    """Run `rules` to a fixed point. With `check_locally`, every rewrite is first compared
+    with the block it replaces (onnxrep.local_check) and refused when they differ."""
     result = EngineResult()
     cache = _RefusalCache()
     # (rule, node) pairs whose rule raised: skipped for the rest of the run (node held, so its
@@ -266,7 +285,7 @@ def run(
                     misses.append(Miss(rule.id, node.name, cached.reason))
                     continue
                 try:
-                    outcome = _attempt(graph, rule, node)
+                    outcome = _attempt(graph, rule, node, check_locally)
                 except Exception as exc:  # noqa: BLE001 - a rule bug: refuse, go on
                     reason = (f"internal error in rule {rule.id} at node {node.name}: "
                               f"{type(exc).__name__}: {first_line(exc)}")
@@ -279,13 +298,15 @@ def run(
                     cache.put(rule, outcome.match, outcome.refusal)
                     misses.append(Miss(rule.id, node.name, outcome.refusal.reason))
                     continue
-                weights = _weights_read_by(outcome.removes)
-                was_read = [t for n in outcome.removes for t in n.inputs if t is not None]
-                touched = _tensors_of(outcome.removes) | {
-                    id(t) for n in outcome.nodes for t in (*n.inputs, *n.outputs)
+                accepted = outcome.replacement
+                weights = _weights_read_by(accepted.removes)
+                was_read = [t for n in accepted.removes for t in n.inputs if t is not None]
+                touched = _tensors_of(accepted.removes) | {
+                    id(t) for n in accepted.nodes for t in (*n.inputs, *n.outputs)
                     if isinstance(t, gs.Tensor)}
-                removed, added = apply(graph, outcome)
-                result.applied.append(Applied(rule.id, removed, added, outcome.why))
+                removed, added = apply(graph, accepted, accepted.shapes)
+                result.applied.append(Applied(rule.id, removed, added, accepted.why,
+                                              outcome.checked))
                 touched |= _tensors_of(_newly_dead(graph, was_read))
                 touched |= _tensors_of(graph.nodes[-len(added):] if added else [])
                 cache.touched(touched)

@@ -99,6 +99,8 @@ class Replacement:
     removes: list[gs.Node]
     nodes: list[NewNode]
     why: str
+    # set by the engine's local check: inferred dims of the new values (id -> dims)
+    shapes: dict[int, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,9 +123,11 @@ class Applied:
     removed: list[str]
     added: list[str]
     why: str
+    checked: str = ""  # the engine's local check: what it ran, or why it did not
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "removed": self.removed, "added": self.added, "why": self.why}
+        return {"rule": self.rule, "removed": self.removed, "added": self.added, "why": self.why,
+                "checked": self.checked}
 
 
 class Rule(Protocol):
@@ -149,3 +153,13 @@ def conv_node(name: str, x: Input, out: gs.Tensor | NewValue, weight: np.ndarray
     if bias is not None:
         inputs.append(NewWeight(f"{name}.bias", bias))
     return NewNode(op, name, inputs, [out], attrs)
+
+
+def gemm_node(name: str, x: Input, out: gs.Tensor | NewValue, matrix: np.ndarray,
+              bias: np.ndarray, attrs: dict[str, Any], dtype: Any) -> NewNode:
+    """A new Gemm y = alpha * op(x) @ op(B) + C reading `x`, with B = `matrix` (in the layout
+    the transB of `attrs` says) and C = `bias`, both cast to `dtype`. C is the whole bias, so
+    beta is written as 1; alpha, transA and transB are kept from `attrs`."""
+    weights = [NewWeight(f"{name}.{hint}", np.ascontiguousarray(np.asarray(v).astype(dtype)))
+               for hint, v in (("B", matrix), ("C", bias))]
+    return NewNode("Gemm", name, [x, *weights], [out], {**attrs, "beta": 1.0})

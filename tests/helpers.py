@@ -16,15 +16,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxrep
 from onnxrep.api import Result
+from onnxrep.rule import Match, NewNode, Refusal, Replacement
 
 Shape = Sequence[int | str] | None
 TensorSpec = tuple[str, Shape] | tuple[str, Shape, int] | onnx.ValueInfoProto
@@ -235,14 +238,42 @@ def cli(*args: Any, cwd: Any = None, timeout: float = 300) -> Any:
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def assert_one_line_error(returncode: int, stderr: str) -> str:
-    """Exit 2, exactly one line on stderr, an 'onnxrep: error:' and no traceback."""
+def assert_one_line_error(returncode: int, stderr: str, code: int = 2) -> str:
+    """Exit 2 (bad input; 3: internal error), exactly one line on stderr, an 'onnxrep: error:'
+    ('onnxrep: internal error:') and no traceback."""
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert returncode == 2, (returncode, stderr)
+    assert returncode == code, (returncode, stderr)
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
-    assert lines[0].startswith("onnxrep: error: "), lines[0]
+    prefix = "onnxrep: error: " if code == 2 else "onnxrep: internal error: "
+    assert lines[0].startswith(prefix), lines[0]
     return lines[0]
+
+
+@dataclass
+class SwapPlan:
+    node: gs.Node
+
+
+class Swap:
+    """A fake rule that replaces every `src` node by a `dst` node on the same tensors."""
+
+    summary = "test rule"
+    opt_in = False
+
+    def __init__(self, rule_id: str, src: str, dst: str) -> None:
+        self.id, self.anchors, self.dst = rule_id, (src,), dst
+
+    def match(self, graph: gs.Graph, n: gs.Node) -> Match | None:
+        return Match(anchor=n, nodes=[n])
+
+    def check(self, graph: gs.Graph, m: Match) -> SwapPlan | Refusal:
+        return SwapPlan(m.anchor)
+
+    def rewrite(self, graph: gs.Graph, plan: SwapPlan) -> Replacement:
+        n = plan.node
+        return Replacement([n], [NewNode(self.dst, n.name, [n.inputs[0]], [n.outputs[0]])],
+                           "swap")
 
 
 def export_families(root: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import onnxrep
-from onnxrep import kernels
+from onnxrep import kernels, local_check
 from onnxrep.cli import main
 from onnxrep.rules import RULES
 from tests.helpers import (
@@ -72,7 +72,8 @@ def test_fuse_writes_model_and_report(model_path: Path, tmp_path: Path) -> None:
     assert {tuple(a["removed"]) for a in report["applied"]} == {
         ("conv", "bn"), ("conv", "scale"), ("conv2", "bn2")}
     for record in report["applied"]:
-        assert set(record) == {"rule", "removed", "added", "why"} and record["why"]
+        assert set(record) == {"rule", "removed", "added", "why", "checked"} and record["why"]
+        assert record["checked"].startswith("checked: ")
     assert report["verification"]["passed"] is True
     assert report["verification"]["worst_rel_l2"] <= 1e-5
     assert report["destination"] == str(out)
@@ -222,8 +223,30 @@ def wrong_bias(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "scale_bias", off_by_a_little)
 
 
+@pytest.fixture
+def local_checks_miss_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong rewrite that the local checks do not catch (they sample): the whole-model
+    verification is the last line."""
+    monkeypatch.setattr(local_check, "check", lambda graph, replacement, seed=0:
+                        local_check.LocalCheck(True, 0, "not checked: test"))
+
+
+def test_a_wrong_rewrite_is_refused_by_its_local_check(model_path: Path, tmp_path: Path,
+                                                       wrong_bias: None) -> None:
+    """The rewrites are refused one by one, naming the rule; the model is written as it was
+    (verified), exit 0."""
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["fuse", str(model_path), str(out), "--explain"])
+    assert result.exit_code == 0, result.output
+    assert "rules applied: none" in result.output
+    assert "local check failed, rewrite not applied" in result.output
+    assert "a bug in rule fold-bn" in result.output
+    assert out.exists()
+
+
 def test_verification_failure_writes_nothing(model_path: Path, tmp_path: Path,
-                                             wrong_bias: None) -> None:
+                                             wrong_bias: None, local_checks_miss_it: None
+                                             ) -> None:
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
     before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(main, ["fuse", str(model_path), str(out),
@@ -242,7 +265,8 @@ def test_verification_failure_writes_nothing(model_path: Path, tmp_path: Path,
 
 
 def test_verification_failure_with_force_writes(model_path: Path, tmp_path: Path,
-                                                wrong_bias: None) -> None:
+                                                wrong_bias: None, local_checks_miss_it: None
+                                                ) -> None:
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, ["fuse", str(model_path), str(out), "--force", "-q"])
     assert result.exit_code == 1
@@ -252,15 +276,15 @@ def test_verification_failure_with_force_writes(model_path: Path, tmp_path: Path
     assert json.loads(meta["onnxrep.verification"])["status"] == "failed"
 
 
-def test_rules_that_do_not_converge_exit_2(model_path: Path, tmp_path: Path,
+def test_rules_that_do_not_converge_exit_3(model_path: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_engine import Swap
+    """An internal error (not bad input): exit 3, one line, nothing written."""
+    from tests.helpers import Swap
 
     monkeypatch.setattr("onnxrep.rules.RULES",
                         [Swap("conv-to-conv", "Conv", "Conv")])
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, ["fuse", str(model_path), str(out)])
-    assert result.exit_code == 2
-    line = assert_one_line_error(result.exit_code, result.stderr)
+    line = assert_one_line_error(result.exit_code, result.stderr, code=3)
     assert "conv-to-conv" in line
     assert not out.exists()
