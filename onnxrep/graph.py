@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxrep import io
+from onnxrep import gs_bridge, io
 from onnxrep.errors import OnnxrepError
 from onnxrep.io import SplitModel, has_data, payload_bytes
 from onnxrep.query import constant_value
 from onnxrep.surgery import bypass
 
-G_LOGGER.severity = G_LOGGER.ERROR
+gs_bridge.log_errors_only()
 log = logging.getLogger(__name__)
 
 _MAX_FOLD_ROUNDS = 4
@@ -231,7 +230,7 @@ def _plain_weight(tensor: gs.Constant) -> np.ndarray | None:
         dtype = np.dtype(tensor.dtype)
     except TypeError:
         return None  # an ONNX type numpy does not have: leave it to the exporter
-    if dtype not in _RAW_TYPES.values() or tensor.export_dtype != tensor.dtype:
+    if dtype not in _RAW_TYPES.values() or gs_bridge.export_dtype(tensor) != tensor.dtype:
         return None
     values = tensor.values
     if not isinstance(values, np.ndarray) or values.nbytes < _DETACH_BYTES:
@@ -243,10 +242,9 @@ def _detach(tensor: gs.Constant, base_dir: Path | None) -> None:
     """Give a constant values of its own, so that nothing refers into the imported proto
     (with protobuf's upb backend one reference to a part keeps the whole message alive);
     weights in external data are read from their file straight into numpy."""
-    lazy = tensor._values  # gs keeps the imported TensorProto here until the first read
-    if not isinstance(lazy, gs.ir.tensor.LazyValues):
+    proto = gs_bridge.lazy_proto(tensor)  # the imported TensorProto, until the first read
+    if proto is None:
         return
-    proto = lazy.tensor
     dtype = _RAW_TYPES.get(proto.data_type)
     tensor.data_location = None  # gs would stamp the imported EXTERNAL onto the export
     if proto.data_location == onnx.TensorProto.EXTERNAL:
@@ -262,24 +260,22 @@ def _detach(tensor: gs.Constant, base_dir: Path | None) -> None:
             return
         own = onnx.TensorProto(name=proto.name, data_type=proto.data_type, dims=proto.dims,
                                raw_data=data)
-        tensor.values = gs.ir.tensor.LazyValues(own)
+        gs_bridge.set_lazy_proto(tensor, own)
     elif dtype is not None and proto.HasField("raw_data"):
         # One copy of the bytes, read-only: a rule writes new arrays, it never edits weights
         tensor.values = np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(proto.dims))
     elif dtype is not None:
-        tensor.values = lazy.load()  # typed fields (small tensors): gs's own conversion
+        tensor.values = tensor.values  # typed fields (small tensors): gs's own conversion
     else:  # a type numpy lacks (bfloat16, float8, ...): keep it as a proto, a copy of it
         own = onnx.TensorProto()
         own.CopyFrom(proto)
-        tensor.values = gs.ir.tensor.LazyValues(own)
+        gs_bridge.set_lazy_proto(tensor, own)
 
 
 def load_weights(graph: gs.Graph, base_dir: Path | None = None) -> None:
     """Read every weight into numpy now, so that the imported proto can be let go; weights
     in external data from their files beside the model, in `base_dir`."""
-    if graph.import_domains is not None:  # gs keeps the model's own opset_import container
-        graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version)
-                                for d in graph.import_domains]
+    gs_bridge.detach_opsets(graph)  # gs keeps the model's own opset_import container
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             _detach(tensor, base_dir)
@@ -318,7 +314,7 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
                 data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
             weights[tensor.name] = values
             held.append((tensor, values))
-            tensor.values = gs.ir.tensor.LazyValues(placeholder)
+            gs_bridge.set_lazy_proto(tensor, placeholder)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:

@@ -1,6 +1,7 @@
 """The low-copy path: SplitModel (weights as arrays beside a data-less proto) written as one
 file or with external data, the blockwise float64 math, the loaded proto let go, and
-Shape(weight) folded without onnxruntime."""
+Shape(weight) folded without onnxruntime. The protobuf reader and writer themselves are tested
+in test_wire.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxrep import graph as graph_mod
 from onnxrep import io, kernels
 from onnxrep.api import fuse
+from onnxrep.io import save as io_save
 
 
 def conv_bn_model() -> onnx.ModelProto:
@@ -102,8 +104,8 @@ def test_single_file_matches_protobuf_serialization_byte_for_byte_in_content() -
 
 
 def test_large_weights_are_aligned_in_external_data(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr(io, "_ALIGN_FROM", 1000)
-    monkeypatch.setattr(io, "_ALIGNMENT", 4096)
+    monkeypatch.setattr(io_save, "ALIGN_FROM", 1000)
+    monkeypatch.setattr(io_save, "ALIGNMENT", 4096)
     split = io.SplitModel(make_model(
         [node("Add", ["x", "a"], ["t"], "a1"), node("Add", ["t", "b"], ["y"], "a2")],
         [("x", [300])], [("y", [300])], [const("a", rand(300)), const("b", rand(300, seed=1))]))
@@ -254,59 +256,7 @@ def test_a_type_numpy_lacks_in_external_data_survives_fuse(tmp_path: Path) -> No
             numpy_helper.to_array(original[name]).tobytes()
 
 
-# --- the single-file reader: structure parsed, large weights left in the file ----------------
-
-def with_bytes_read_back(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
-    """The reader's model with each self-reference replaced by the bytes it points at."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            file, offset, length = io.external_source(tensor, folder)
-            with open(file, "rb") as f:
-                f.seek(offset)
-                tensor.raw_data = f.read(length)
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-    return model
-
-
-def big_odd_type_model() -> onnx.ModelProto:
-    bf16 = helper.make_tensor("odd", TensorProto.BFLOAT16, [3000], np.linspace(-3, 3, 3000))
-    return make_model([node("Add", ["x", "w"], ["y"], "add"),
-                       node("Concat", ["odd", "b"], ["z"], "concat", axis=0)],
-                      [("x", [3000]), ("b", [2], TensorProto.BFLOAT16)],
-                      [("y", [3000]), ("z", [3002], TensorProto.BFLOAT16)],
-                      [const("w", rand(3000)), bf16])
-
-
-@pytest.mark.parametrize("source", ["conv_bn", "big_odd", "repvgg_tiny", "mobileone_tiny"])
-def test_reader_gives_what_onnx_load_gives(tmp_path: Path, source: str) -> None:
-    examples = Path(__file__).resolve().parent.parent / "models" / "examples"
-    if source.endswith("_tiny"):
-        path = examples / f"{source}.onnx"
-    else:
-        path = tmp_path / "m.onnx"
-        onnx.save({"conv_bn": conv_bn_model, "big_odd": big_odd_type_model}[source](), str(path))
-    model = io.read_without_weight_bytes(path)
-    assert model is not None
-    moved = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    assert all(not t.HasField("raw_data") for t in moved)
-    if not source.endswith("_tiny"):  # the examples' weights may all be small
-        assert moved
-    assert with_bytes_read_back(model, path.parent) == onnx.load(str(path))
-
-
-def test_reader_leaves_other_files_to_onnx_load(tmp_path: Path) -> None:
-    external = external_copy(tmp_path)
-    assert io.read_without_weight_bytes(external) is None  # external data already
-    whole = conv_bn_model().SerializeToString()
-    (tmp_path / "empty.onnx").write_bytes(b"")
-    (tmp_path / "cut.onnx").write_bytes(whole[: len(whole) // 2])
-    assert io.read_without_weight_bytes(tmp_path / "empty.onnx") is None
-    assert io.read_without_weight_bytes(tmp_path / "cut.onnx") is None
-    with pytest.raises(io.OnnxrepError):
-        io.load(tmp_path / "cut.onnx")
-
+# --- the single-file reader (tests of the reader itself: test_wire.py) -----------------------
 
 def test_fused_from_the_reader_is_written_as_one_file(tmp_path: Path) -> None:
     src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
@@ -317,3 +267,50 @@ def test_fused_from_the_reader_is_written_as_one_file(tmp_path: Path) -> None:
     x = rand(1, 16, 8, 8, seed=9)
     np.testing.assert_allclose(run(onnx.load(str(out)), {"x": x})[0],
                                run(conv_bn_model(), {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+# --- every tensor that may use external data --------------------------------------------------
+
+def tensors_everywhere_model() -> onnx.ModelProto:
+    """Tensors in every place onnx's external data loader looks: the graph's initializers, a
+    subgraph's, Constant node attributes in the graph, in a subgraph and in a function."""
+    then_branch = helper.make_graph(
+        [node("Constant", [], ["sub_c_out"], "sub_c", value=const("sub_c", rand(3, seed=2))),
+         node("Add", ["sub_w", "sub_c_out"], ["then_out"], "sub_add")],
+        "then", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [3])],
+        [const("sub_w", rand(3, seed=1))])
+    else_branch = helper.make_graph(
+        [node("Identity", ["w"], ["else_out"], "else_id")],
+        "else", [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [3])])
+    function = helper.make_function(
+        "local", "F", ["a"], ["b"],
+        [node("Constant", [], ["fc_out"], "fc", value=const("fc", rand(3, seed=3))),
+         node("Add", ["a", "fc_out"], ["b"], "f_add")],
+        [helper.make_opsetid("", 18)])
+    model = make_model(
+        [node("Constant", [], ["cv_out"], "cv", value=const("cv", rand(3, seed=4))),
+         node("If", ["cond"], ["if_out"], "if", then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("F", ["if_out"], ["y"], name="f", domain="local")],
+        [("cond", [], TensorProto.BOOL)], [("y", [3])], [const("w", rand(3))], check=False)
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_all_tensors_visits_what_onnx_external_data_loader_visits() -> None:
+    names = [t.name for t in io.all_tensors(tensors_everywhere_model())]
+    assert names == ["w", "sub_w", "cv", "sub_c", "fc"]
+
+
+def test_a_subgraph_weight_in_external_data_is_read_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(tensors_everywhere_model(), str(path), save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    loaded = io.load(path)
+    tensors = {t.name: t for t in io.all_tensors(loaded.model)}
+    assert loaded.external_data
+    assert tensors["w"].data_location == TensorProto.EXTERNAL  # read later, by normalize
+    for name in ("sub_w", "cv", "sub_c", "fc"):  # rare and small: read now
+        assert tensors[name].data_location != TensorProto.EXTERNAL
+        assert numpy_helper.to_array(tensors[name]).shape == (3,)
