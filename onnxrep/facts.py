@@ -111,9 +111,10 @@ def explicit_padding(node: gs.Node) -> Refusal | None:
     return None
 
 
-def conv_params(node: gs.Node) -> Refusal | None:
-    """A Conv / ConvTranspose whose weight (and bias, if any) are finite float constants,
-    with explicit padding (auto_pad NOTSET or VALID)."""
+def conv_constants(node: gs.Node) -> Refusal | None:
+    """A Conv / ConvTranspose whose weight (and bias, if any) are finite float constants.
+    Enough for a fold on the output side (a per-output-channel scale and shift does not care
+    where the padding goes, auto_pad SAME_* included); `conv_params` adds explicit padding."""
     checks = [float_const(node.inputs[1], f"{node.name} weight")]
     bias = optional_input(node, 2)
     if bias is not None:
@@ -121,7 +122,26 @@ def conv_params(node: gs.Node) -> Refusal | None:
     for value in checks:
         if isinstance(value, Refusal):
             return value
-    return explicit_padding(node)
+    return None
+
+
+def conv_group(node: gs.Node) -> int | Refusal:
+    """The group of a Conv / ConvTranspose whose weight (a constant: ask `conv_constants`
+    first) has a kernel (rank >= 3) and a first axis (Conv: O, ConvTranspose: I) that the
+    group divides - what the per-group channel arithmetic of a fold relies on."""
+    weight = constant_value(node.inputs[1])
+    group = int(node.attrs.get("group", 1))
+    if weight.ndim < 3:
+        return Refusal(f"{node.name} weight is {weight.ndim}-D")
+    if group < 1 or weight.shape[0] % group:
+        return Refusal(f"{node.name} weight {list(weight.shape)} does not fit group {group}")
+    return group
+
+
+def conv_params(node: gs.Node) -> Refusal | None:
+    """A Conv / ConvTranspose whose weight (and bias, if any) are finite float constants,
+    with explicit padding (auto_pad NOTSET or VALID)."""
+    return conv_constants(node) or explicit_padding(node)
 
 
 def pool_as_depthwise(pool: gs.Node, channels: int

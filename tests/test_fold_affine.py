@@ -166,3 +166,26 @@ def test_non_constant_operand_is_not_folded() -> None:
     result = fuse_model(model)
     assert RULE not in {a.rule for a in result.report.applied}
     assert op_counts(result.model) == op_counts(model)
+
+
+# --- soundness (issue 12) -------------------------------------------------------------------
+
+SAME_CASES = [(auto_pad, hw, stride) for auto_pad in ("SAME_UPPER", "SAME_LOWER")
+              for hw in ((9, 7), (10, 8)) for stride in (1, 2)]
+
+
+@pytest.mark.parametrize(("auto_pad", "hw", "stride"), SAME_CASES,
+                         ids=[f"{a}-{h}x{w}-s{s}" for a, (h, w), s in SAME_CASES])
+@pytest.mark.parametrize("op", ["Mul", "Sub"])
+def test_affine_folds_into_conv_with_same_auto_pad(op: str, auto_pad: str,
+                                                   hw: tuple[int, int], stride: int) -> None:
+    """A per-channel affine map only scales and shifts the conv's output channels: where the
+    padding goes does not matter (hole 7). Odd and even sizes, stride 1 and 2."""
+    model = conv_then(op, away_from_zero((C, 1, 1), seed=30), hw=hw, auto_pad=auto_pad,
+                      strides=[stride, stride])
+    result = fuse_model(model)
+    expect_fused(result, {"Conv": 1}, {RULE: 1})
+    attrs = {a.name: onnx.helper.get_attribute_value(a)
+             for a in result.model.graph.node[0].attribute}
+    assert attrs["auto_pad"] == auto_pad.encode()
+    assert_same_outputs(model, result.model, {"x": rand(2, 3, *hw, seed=31)}, rtol=1e-6)

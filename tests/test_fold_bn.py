@@ -228,6 +228,18 @@ def test_matmul_with_3d_input_is_refused() -> None:
     assert result.verified
 
 
+def test_matmul_output_read_beside_its_bias_add_is_refused() -> None:
+    nodes = [node("MatMul", ["x", "W"], ["mm"], "matmul"), node("Add", ["mm", "bias"], ["t"]),
+             node("Relu", ["mm"], ["z"], "relu")]
+    norm, inits = bn("bn", "t", 4, out="y")
+    model = make_model([*nodes, norm], [("x", ["N", 5])], [("y", None), ("z", None)],
+                       [const("W", rand(5, 4)), const("bias", rand(4, seed=2)), *inits])
+    result = fuse_model(model)
+    expect_refused(result, RULE, "mm has 2 consumers")
+    assert op_counts(result.model) == op_counts(model)
+    assert result.verified
+
+
 def test_gemm_c_not_per_feature_is_refused() -> None:
     gemm = node("Gemm", ["x", "B", "C"], ["g"], "gemm")
     norm, inits = bn("bn", "g", 4, out="y")
@@ -278,3 +290,53 @@ def test_shared_weight_is_copied_never_mutated(second_bn: bool) -> None:
         np.testing.assert_array_equal(initializer(result.model, plain.input[1]), weight)
         np.testing.assert_array_equal(initializer(result.model, plain.input[2]), bias)
     assert_same_outputs(model, result.model, {"x": rand(2, 3, 8, 8, seed=22)})
+
+
+# --- soundness (issue 12) -------------------------------------------------------------------
+
+SAME_CASES = [(auto_pad, hw, stride) for auto_pad in ("SAME_UPPER", "SAME_LOWER")
+              for hw in ((9, 7), (10, 8)) for stride in (1, 2)]
+
+
+@pytest.mark.parametrize(("auto_pad", "hw", "stride"), SAME_CASES,
+                         ids=[f"{a}-{h}x{w}-s{s}" for a, (h, w), s in SAME_CASES])
+def test_conv_with_same_auto_pad_folds(auto_pad: str, hw: tuple[int, int], stride: int) -> None:
+    """A BN only scales and shifts the producer's output channels: where the padding goes
+    does not matter (hole 7). Odd and even sizes, stride 1 and 2 (SAME_UPPER and SAME_LOWER
+    then pad differently)."""
+    model = conv_bn_model(4, 6, 3, hw=hw, auto_pad=auto_pad, strides=[stride, stride])
+    result = fuse_model(model)
+    expect_fused(result, {"Conv": 1}, {RULE: 1})
+    (fused,) = result.model.graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.attribute}
+    assert attrs["auto_pad"] == auto_pad.encode()
+    assert_same_outputs(model, result.model, {"x": rand(2, 4, *hw, seed=15)}, rtol=1e-6)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_conv_transpose_with_same_auto_pad_folds(auto_pad: str) -> None:
+    nodes, inits = chain(
+        conv("deconv", "x", rand(4, 6, 3, 3, seed=5), rand(6, seed=6), op="ConvTranspose",
+             strides=[2, 2], auto_pad=auto_pad),
+        bn("bn", "deconv_out", 6, out="y"))
+    model = make_model(nodes, [("x", ["N", 4, 5, 6])], [("y", None)], inits)
+    result = fuse_model(model)
+    expect_fused(result, {"ConvTranspose": 1}, {RULE: 1})
+    assert_same_outputs(model, result.model, {"x": rand(2, 4, 5, 6, seed=7)})
+
+
+def test_spatial0_bn_is_refused() -> None:
+    """opset < 9 spatial=0: per-element [C, H, W] statistics are no per-channel map."""
+    c, h, w = 4, 5, 6
+    rng = np.random.default_rng(0)
+    names = [f"bn.{p}" for p in ("scale", "bias", "mean", "var")]
+    nodes, inits = chain(
+        conv("conv", "x", rand(c, 3, 1, 1, seed=2), rand(c, seed=3)),
+        (node("BatchNormalization", ["conv_out", *names], ["y"], "bn", spatial=0),
+         [const(n, rng.uniform(0.5, 1.5, (c, h, w))) for n in names]))
+    model = make_model(nodes, [("x", ["N", 3, h, w])], [("y", ["N", c, h, w])], inits,
+                       opset=8, ir_version=4)
+    result = fuse_model(model)
+    expect_refused(result, RULE, "bn has spatial=0 (per-element statistics)")
+    assert op_counts(result.model) == op_counts(model)
+    assert result.verified

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import onnx
 import pytest
 
@@ -9,6 +15,7 @@ from tests.helpers import (
     assert_same_outputs,
     bn,
     chain,
+    const,
     conv,
     expect_fused,
     expect_refused,
@@ -164,3 +171,40 @@ def test_bn_into_gemm_with_trans_a_is_refused() -> None:
     result = fuse_model(model)
     expect_refused(result, RULE, "transA")
     assert op_counts(result.model)["BatchNormalization"] == 1
+
+
+# --- soundness (issue 12) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opset", [7, 8])
+def test_spatial0_bn_is_refused_and_the_rest_fuses_through_the_cli(opset: int,
+                                                                   tmp_path: Path) -> None:
+    """opset < 9 BatchNormalization with spatial=0 normalizes per element ([C, H, W]
+    statistics), not per channel: fold-bn-forward refuses it (it used to crash on it), and
+    the Conv -> BN (spatial=1) after it still folds."""
+    c, h, w = 4, 5, 6
+    rng = np.random.default_rng(0)
+    names = [f"bn0.{p}" for p in ("scale", "bias", "mean", "var")]
+    inits = [const(n, rng.uniform(0.5, 1.5, (c, h, w))) for n in names]
+    nodes, more = chain(
+        (node("BatchNormalization", ["x", *names], ["bn0_out"], "bn0", spatial=0,
+              epsilon=1e-3), inits),
+        conv("conv", "bn0_out", rand(8, c, 1, 1, seed=2), rand(8, seed=3)),
+        bn("bn1", "conv_out", 8, out="y"))
+    model = make_model(nodes, [("x", ["N", c, h, w])], [("y", ["N", 8, h, w])], more,
+                       opset=opset, ir_version=4)
+    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "report.json"
+    onnx.save(model, str(src))
+    proc = subprocess.run([sys.executable, "-m", "onnxrep.cli", "fuse", str(src), str(dst),
+                           "--report", str(report), "-q"], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    found = json.loads(report.read_text())
+    assert found["verification"]["passed"] is True
+    assert found["rules_applied"] == {"fold-bn": 1}
+    assert {"rule": RULE, "node": "bn0",
+            "reason": "bn0 has spatial=0 (per-element statistics)"} in found["near_misses"]
+    fused = onnx.load(str(dst))
+    assert op_counts(fused) == {"BatchNormalization": 1, "Conv": 1}
+    assert_same_outputs(model, fused, {"x": rand(3, c, h, w, seed=9)})

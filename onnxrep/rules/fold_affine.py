@@ -12,7 +12,8 @@ This is the CSLA / OREPA branch scale and FastViT's layer scale once the branche
 
 Preconditions:
   1. the Conv's output t is read by this node alone, once, and is not a graph output;
-  2. the Conv's weight and bias are finite float constants, auto_pad NOTSET/VALID;
+  2. the Conv's weight and bias are finite float constants (any padding, auto_pad SAME_*
+     too: a per-output-channel map does not care where the padding goes);
   3. the other operand is a finite float constant that broadcasts along the channel axis
      only: scalar, [1], [C,1,1], [1,C,1,1] (a [C] vector scales the last axis: refused),
      and never widens t's rank;
@@ -28,7 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep import kernels
-from onnxrep.facts import channel_vector, conv_params, float_const, sole_consumer
+from onnxrep.facts import channel_vector, conv_constants, float_const, sole_consumer
 from onnxrep.query import constant_value, conv_weight_bias, producer
 from onnxrep.rule import Match, Refusal, Replacement, conv_node
 
@@ -67,7 +68,7 @@ class FoldChannelAffineIntoConv:
     def check(self, graph: gs.Graph, m: AffineMatch) -> AffinePlan | Refusal:
         value = float_const(m.const, f"{m.op.name} operand")
         refusal = Refusal.first(sole_consumer(graph, m.conv.outputs[0], m.op),
-                                conv_params(m.conv),
+                                conv_constants(m.conv),
                                 value if isinstance(value, Refusal) else None)
         if refusal:
             return refusal

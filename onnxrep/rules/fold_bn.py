@@ -3,8 +3,8 @@
 Before:  x -> Conv(W, b) -> t -> BatchNormalization(gamma, beta, mean, var, eps) -> y
 After:   x -> Conv(W', b') -> y
 
-Formula (RULES-SPEC §1): a = gamma / sqrt(var + eps), c = beta - mean * a (eps read from the
-node), and y = a * t + c per output channel, so
+Formula (docs/RULES.md, fold-bn): a = gamma / sqrt(var + eps), c = beta - mean * a (eps read
+from the node), and y = a * t + c per output channel, so
   Conv           W'[o] = a[o] * W[o],  b' = a * b + c  (b = 0 when absent)
   ConvTranspose  W[I, O/g, k]: output channel o = gi*(O/g) + j is column j of group gi
   Gemm           B' = B * a along the output features (rows when transB), C' = a*beta*C + c,
@@ -13,42 +13,107 @@ node), and y = a * t + c per output channel, so
                  MatMul had no bias)
 
 Preconditions:
-  1. the BN is in inference mode (training_mode absent or 0; running-stat outputs unused);
-  2. the BN's parameters are finite float constants and var + epsilon > 0;
-  3. the producer's output t is read by the BN alone, once, and is not a graph output;
-  4. the producer's weight and bias are finite float constants (Conv: auto_pad NOTSET/VALID);
-  5. Gemm / MatMul: the output is 2-D [N, O] - the BN's channel axis 1 is then the output
-     feature axis - and the bias (Gemm C, or the Add constant) is per feature;
-  6. the BN's channel count equals the producer's output channels.
+  1. the BN reads as a fixed per-channel affine map (facts.batchnorm_affine: spatial=1,
+     inference mode, running-stat outputs unused, finite float constant parameters,
+     var + epsilon > 0);
+  2. the producer's output t is read by the BN alone, once, and is not a graph output (and
+     MatMul+Add: the MatMul's output is read by the Add alone);
+  3. the producer's weight and bias are finite float constants. Its padding does not matter
+     (auto_pad SAME_* included): the fold only scales and shifts output channels;
+  4. Gemm / MatMul: the output is 2-D [N, O] - the BN's channel axis 1 is then the output
+     feature axis - and the bias (Gemm C, or the Add constant) is per feature (transA does
+     not matter: it changes the Gemm's input side only);
+  5. the BN's channel count equals the producer's output channels.
 A weight initializer shared with another node is never changed in place: the rewrite writes
-new initializers and the old ones stay for their other readers.
+new weights and the old ones stay for their other readers.
 Not handled: BN before the producer (that is fold-bn-forward), MatMul with rank > 2 outputs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep import kernels
-from onnxrep.facts import batchnorm_affine, channel_vector, conv_params, float_const, sole_consumer
-from onnxrep.rule import Applied, Match
-from onnxrep.surgery import (
-    add_node,
-    constant_value,
-    conv_weight_bias,
-    new_constant,
-    new_variable,
-    producer,
-    replace_with_conv,
-    retire,
+from onnxrep.facts import (
+    GemmParams,
+    batchnorm_affine,
+    channel_vector,
+    conv_constants,
+    conv_group,
+    float_const,
+    gemm_params,
+    sole_consumer,
+)
+from onnxrep.query import constant_value, conv_weight_bias, producer
+from onnxrep.rule import (
+    Match,
+    NewNode,
+    NewValue,
+    NewWeight,
+    Refusal,
+    Replacement,
+    conv_node,
+    gemm_node,
 )
 
-_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+
+@dataclass
+class BnMatch(Match):
+    bn: gs.Node
+
+
+@dataclass
+class ConvBnMatch(BnMatch):
+    conv: gs.Node  # a Conv or a ConvTranspose
+
+
+@dataclass
+class GemmBnMatch(BnMatch):
+    gemm: gs.Node
+
+
+@dataclass
+class MatMulBnMatch(BnMatch):
+    matmul: gs.Node
+    add: gs.Node | None  # Add(MatMul, bias) between the MatMul and the BN, if any
+    bias: gs.Tensor | None  # the Add's constant operand
+
+
+@dataclass
+class ConvBnPlan:
+    match: ConvBnMatch
+    a: np.ndarray
+    c: np.ndarray
+    group: int
+
+
+@dataclass
+class GemmBnPlan:
+    match: GemmBnMatch
+    gemm: GemmParams
+    a: np.ndarray
+    c: np.ndarray
+
+
+@dataclass
+class MatMulBnPlan:
+    match: MatMulBnMatch
+    weight: np.ndarray
+    bias: np.ndarray  # per output feature, float64 (zeros without an Add)
+    a: np.ndarray
+    c: np.ndarray
+
+
+BnPlan = ConvBnPlan | GemmBnPlan | MatMulBnPlan
 
 
 def _matmul_of(add: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
-    """Add(MatMul(x, W), bias) -> (the MatMul, the bias tensor)."""
+    """Add(MatMul(x, W), bias) or Add(bias, MatMul(x, W)) -> (the MatMul, the bias tensor)."""
+    if len(add.inputs) != 2:
+        return None
     for i in (0, 1):
         mm = producer(add.inputs[i])
         if mm is not None and mm.op == "MatMul" and constant_value(add.inputs[1 - i]) is not None:
@@ -62,157 +127,129 @@ class FoldBatchNormIntoProducer:
     anchors = ("BatchNormalization",)
     opt_in = False
 
-    def match(self, node: gs.Node, graph: gs.Graph) -> Match | None:
-        prod = producer(node.inputs[0])
-        if prod is None or prod.op not in _PRODUCERS:
+    def match(self, graph: gs.Graph, node: gs.Node) -> BnMatch | None:
+        prod = producer(node.inputs[0]) if node.inputs else None
+        if prod is None:
             return None
-        m = Match(anchor=node, nodes=[prod, node], output=node.outputs[0])
-        m["bn"], m["graph"] = node, graph
+        if prod.op in ("Conv", "ConvTranspose"):
+            return ConvBnMatch(node, [prod, node], node, prod)
+        if prod.op == "Gemm":
+            return GemmBnMatch(node, [prod, node], node, prod)
+        if prod.op == "MatMul":
+            return MatMulBnMatch(node, [prod, node], node, prod, None, None)
         if prod.op == "Add":
             found = _matmul_of(prod)
-            if found is None:
-                return None
-            m["matmul"], m["bias"] = found
-            m["add"] = prod
-            m.nodes = [found[0], prod, node]
-            m["kind"] = "MatMul"
-        else:
-            m["kind"] = prod.op
-            m[prod.op.lower()] = prod
-            if prod.op == "MatMul":
-                m["matmul"], m["bias"] = prod, None
-        return m
+            if found is not None:
+                return MatMulBnMatch(node, [found[0], prod, node], node, found[0], prod, found[1])
+        return None
 
-    def check(self, m: Match) -> list[str]:
-        bn, graph, kind = m["bn"], m["graph"], m["kind"]
-        affine = batchnorm_affine(bn)
-        if isinstance(affine, str):
-            return [affine]
-        if int(bn.attrs.get("spatial", 1)) != 1:
-            return [f"{bn.name} has spatial=0 (per-element statistics)"]
-        m["a"], m["c"] = affine
-        channels = affine[0].shape[0]
-        first = m.nodes[-2]
-        reasons = []
-        reason = sole_consumer(graph, first.outputs[0], bn)
-        if reason:
-            reasons.append(reason)
-        if kind in ("Conv", "ConvTranspose"):
-            node = m[kind.lower()]
-            reason = conv_params(node)
-            if reason:
-                return reasons + [reason]
-            weight = constant_value(node.inputs[1])
-            group = int(node.attrs.get("group", 1))
-            out_channels = weight.shape[0] if kind == "Conv" else weight.shape[1] * group
-            if out_channels != channels:
-                reasons.append(f"{bn.name} has {channels} channels, {node.name} outputs "
-                               f"{out_channels}")
-        elif kind == "Gemm":
-            reasons += self._check_gemm(m, channels)
-        else:
-            reasons += self._check_matmul(m, channels)
-        return reasons
+    def check(self, graph: gs.Graph, m: BnMatch) -> BnPlan | Refusal:
+        affine = batchnorm_affine(m.bn)
+        if isinstance(affine, Refusal):
+            return affine
+        refusal = sole_consumer(graph, m.bn.inputs[0], m.bn)
+        if refusal:
+            return refusal
+        a, c = affine
+        if isinstance(m, ConvBnMatch):
+            return self._check_conv(m, a, c)
+        if isinstance(m, GemmBnMatch):
+            return self._check_gemm(m, a, c)
+        assert isinstance(m, MatMulBnMatch)
+        return self._check_matmul(graph, m, a, c)
 
-    def _check_gemm(self, m: Match, channels: int) -> list[str]:
-        gemm = m["gemm"]
-        reason = float_const(gemm.inputs[1], f"{gemm.name} B")
-        if reason:
-            return [reason]
-        b_matrix = constant_value(gemm.inputs[1])
-        out_features = b_matrix.shape[0] if gemm.attrs.get("transB", 0) else b_matrix.shape[1]
-        if out_features != channels:
-            return [f"{m['bn'].name} has {channels} channels, {gemm.name} outputs {out_features}"]
-        if len(gemm.inputs) > 2 and gemm.inputs[2].name:
-            reason = float_const(gemm.inputs[2], f"{gemm.name} C")
-            if reason:
-                return [reason]
-            if channel_vector(constant_value(gemm.inputs[2]), channels, rank=2) is None:
-                return [f"{gemm.name} C {constant_value(gemm.inputs[2]).shape} is not per "
-                        "output feature"]
-        return []
+    @staticmethod
+    def _check_conv(m: ConvBnMatch, a: np.ndarray, c: np.ndarray) -> ConvBnPlan | Refusal:
+        conv, channels = m.conv, a.shape[0]
+        refusal = conv_constants(conv)  # padding does not matter here (docstring, 3)
+        if refusal:
+            return refusal
+        group = conv_group(conv)
+        if isinstance(group, Refusal):
+            return group
+        weight = constant_value(conv.inputs[1])
+        out_channels = weight.shape[0] if conv.op == "Conv" else weight.shape[1] * group
+        if out_channels != channels:
+            return Refusal(f"{m.bn.name} has {channels} channels, {conv.name} outputs "
+                           f"{out_channels}")
+        return ConvBnPlan(m, a, c, group)
 
-    def _check_matmul(self, m: Match, channels: int) -> list[str]:
-        mm = m["matmul"]
-        reason = float_const(mm.inputs[1], f"{mm.name} weight")
-        if reason:
-            return [reason]
-        weight = constant_value(mm.inputs[1])
-        x_shape = mm.inputs[0].shape
+    @staticmethod
+    def _check_gemm(m: GemmBnMatch, a: np.ndarray, c: np.ndarray) -> GemmBnPlan | Refusal:
+        params = gemm_params(m.gemm)
+        if isinstance(params, Refusal):
+            return params
+        if params.out_features != a.shape[0]:
+            return Refusal(f"{m.bn.name} has {a.shape[0]} channels, {m.gemm.name} outputs "
+                           f"{params.out_features}")
+        return GemmBnPlan(m, params, a, c)
+
+    @staticmethod
+    def _check_matmul(graph: gs.Graph, m: MatMulBnMatch, a: np.ndarray, c: np.ndarray
+                      ) -> MatMulBnPlan | Refusal:
+        mm, channels = m.matmul, a.shape[0]
+        weight = float_const(mm.inputs[1], f"{mm.name} weight")
+        if isinstance(weight, Refusal):
+            return weight
         if weight.ndim != 2:
-            return [f"{mm.name} weight is {weight.ndim}-D, expected 2-D"]
+            return Refusal(f"{mm.name} weight is {weight.ndim}-D, expected 2-D")
+        x_shape = mm.inputs[0].shape
         if x_shape is None or len(x_shape) != 2:
-            return [f"{mm.name} input rank is {'unknown' if x_shape is None else len(x_shape)}: "
-                    "BN's channel axis is the output feature axis only for 2-D outputs"]
+            return Refusal(f"{mm.name} input rank is "
+                           f"{'unknown' if x_shape is None else len(x_shape)}: BN's channel "
+                           "axis is the output feature axis only for 2-D outputs")
         if weight.shape[1] != channels:
-            return [f"{m['bn'].name} has {channels} channels, {mm.name} outputs "
-                    f"{weight.shape[1]}"]
-        if m["bias"] is not None:
-            reason = float_const(m["bias"], f"{m['add'].name} bias")
-            if reason:
-                return [reason]
-            if channel_vector(constant_value(m["bias"]), channels, rank=2) is None:
-                return [f"{m['add'].name} bias {constant_value(m['bias']).shape} is not per "
-                        "output feature"]
+            return Refusal(f"{m.bn.name} has {channels} channels, {mm.name} outputs "
+                           f"{weight.shape[1]}")
+        bias = np.zeros(channels)
+        if m.add is not None and m.bias is not None:
+            refusal = sole_consumer(graph, mm.outputs[0], m.add)
+            if refusal:
+                return refusal
+            value = float_const(m.bias, f"{m.add.name} bias")
+            if isinstance(value, Refusal):
+                return value
+            bias = channel_vector(value, channels, rank=2)
+            if bias is None:
+                return Refusal(f"{m.add.name} bias {list(value.shape)} is not per output "
+                               "feature")
         if mm.inputs[0].dtype is not None and np.dtype(mm.inputs[0].dtype).kind != "f":
-            return [f"{mm.name} input is not floating point"]
-        return []
+            return Refusal(f"{mm.name} input is not floating point")
+        return MatMulBnPlan(m, weight, bias, a, c)
 
-    def rewrite(self, graph: gs.Graph, m: Match) -> Applied:
-        kind, bn, a, c = m["kind"], m["bn"], m["a"], m["c"]
-        out = m.output
-        why = f"{bn.name} folded into {m.nodes[0].name}"
-        if kind in ("Conv", "ConvTranspose"):
-            node = m[kind.lower()]
-            weight, bias = conv_weight_bias(node)
-            x, name, attrs = node.inputs[0], node.name, dict(node.attrs)
-            removed = retire(m.nodes)
-            if kind == "Conv":
-                w, b = kernels.scale_conv_output_as(weight, bias, a, c)
+    def rewrite(self, graph: gs.Graph, plan: BnPlan) -> Replacement:
+        m = plan.match
+        out = m.bn.outputs[0]
+        if isinstance(plan, ConvBnPlan):
+            conv = plan.match.conv
+            weight, bias = conv_weight_bias(conv)
+            if conv.op == "Conv":
+                w, b = kernels.scale_conv_output_as(weight, bias, plan.a, plan.c)
             else:
-                group = int(node.attrs.get("group", 1))
-                w, b = kernels.scale_conv_transpose_output(weight, bias, a, c, group)
+                w, b = kernels.scale_conv_transpose_output(weight, bias, plan.a, plan.c,
+                                                           plan.group)
                 w, b = kernels.cast_like(w, weight), kernels.cast_like(b, weight)
-            new = replace_with_conv(graph, name, x, out, w, b, attrs, op=kind)
-            added = [new.name]
-        elif kind == "Gemm":
-            removed, added = self._rewrite_gemm(graph, m)
+            new = [conv_node(conv.name, conv.inputs[0], out, w, b, dict(conv.attrs), op=conv.op)]
+        elif isinstance(plan, GemmBnPlan):
+            gemm, p = plan.match.gemm, plan.gemm
+            matrix, bias = kernels.scale_gemm_output(p.matrix, p.c_bias, p.trans_b, p.alpha,
+                                                     p.beta, plan.a, plan.c)
+            new = [gemm_node(gemm.name, gemm.inputs[0], out, matrix, bias, dict(gemm.attrs),
+                             p.matrix.dtype)]
         else:
-            removed, added = self._rewrite_matmul(graph, m)
-        return Applied(self.id, removed, added, why)
+            new = self._matmul_nodes(plan, out)
+        return Replacement(list(m.nodes), new, f"{m.bn.name} folded into {m.nodes[0].name}")
 
-    def _rewrite_gemm(self, graph: gs.Graph, m: Match) -> tuple[list[str], list[str]]:
-        gemm, a, c = m["gemm"], m["a"], m["c"]
-        b_matrix = constant_value(gemm.inputs[1])
-        channels = a.shape[0]
-        has_c = len(gemm.inputs) > 2 and gemm.inputs[2].name
-        c_bias = (channel_vector(constant_value(gemm.inputs[2]), channels, rank=2)
-                  if has_c else np.zeros(channels))
-        trans_b = bool(gemm.attrs.get("transB", 0))
-        matrix, bias = kernels.scale_gemm_output(
-            b_matrix, c_bias, trans_b, float(gemm.attrs.get("alpha", 1.0)),
-            float(gemm.attrs.get("beta", 1.0)) if has_c else 0.0, a, c)
-        attrs = {**gemm.attrs, "beta": 1.0}
-        x, name = gemm.inputs[0], gemm.name
-        removed = retire(m.nodes)
-        b_t = new_constant(graph, f"{name}.B", kernels.cast_like(matrix, b_matrix))
-        c_t = new_constant(graph, f"{name}.C", kernels.cast_like(bias, b_matrix))
-        node = add_node(graph, "Gemm", name, [x, b_t, c_t], [m.output], attrs)
-        return removed, [node.name]
-
-    def _rewrite_matmul(self, graph: gs.Graph, m: Match) -> tuple[list[str], list[str]]:
-        mm, a, c = m["matmul"], m["a"], m["c"]
-        weight = constant_value(mm.inputs[1])
-        channels = a.shape[0]
-        bias = (np.zeros(channels) if m["bias"] is None
-                else channel_vector(constant_value(m["bias"]), channels, rank=2))
-        w_new = kernels.f64(weight) * a[None, :]
-        b_new = a * bias + c
-        x, name = mm.inputs[0], mm.name
-        removed = retire(m.nodes)
-        w_t = new_constant(graph, f"{name}.weight", kernels.cast_like(w_new, weight))
-        b_t = new_constant(graph, f"{name}.bias", kernels.cast_like(b_new, weight))
-        hidden = new_variable(graph, f"{name}.out", dtype=weight.dtype)
-        new_mm = add_node(graph, "MatMul", name, [x, w_t], [hidden])
-        new_add = add_node(graph, "Add", f"{name}.bias_add", [hidden, b_t], [m.output])
-        return removed, [new_mm.name, new_add.name]
+    @staticmethod
+    def _matmul_nodes(plan: MatMulBnPlan, out: gs.Tensor) -> list[NewNode]:
+        """MatMul(x, W') -> Add(., bias'): a MatMul as a Gemm without transposes and beta 1."""
+        mm, weight = plan.match.matmul, plan.weight
+        w, b = kernels.scale_gemm_output(weight, plan.bias, False, 1.0, 1.0, plan.a, plan.c)
+        hidden = NewValue(f"{mm.name}.out", dtype=weight.dtype)
+        return [
+            NewNode("MatMul", mm.name,
+                    [mm.inputs[0], NewWeight(f"{mm.name}.weight", kernels.cast_like(w, weight))],
+                    [hidden]),
+            NewNode("Add", f"{mm.name}.bias_add",
+                    [hidden, NewWeight(f"{mm.name}.bias", kernels.cast_like(b, weight))], [out]),
+        ]
