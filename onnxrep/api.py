@@ -7,7 +7,7 @@ import gc
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +28,12 @@ class Result:
     fused: io.SplitModel  # the structure, and the large weights as arrays beside it
     report: Report
     external_data: bool  # the input kept its weights in an external data file
+    source_files: list[Path] = field(default_factory=list)  # the files the input was read from
+
+    @property
+    def writes_external_data(self) -> bool:
+        """`write` puts the weights in an external data file (as the input had, or past 2 GB)."""
+        return self.external_data or self.fused.nbytes >= io.TWO_GB
 
     @cached_property
     def model(self) -> onnx.ModelProto:
@@ -81,10 +87,11 @@ def fuse(
     start = time.perf_counter()
     if isinstance(model, onnx.ModelProto):
         io.check(model)
-        source, path, external = model, None, False
+        source, path, external, files = model, None, False, []
     else:
         loaded = io.load(model)
         source, path, external = loaded.model, loaded.path, loaded.external_data
+        files = loaded.files
         del loaded
     chosen = select_rules(rules, skip, remove_residuals)
     report = Report(
@@ -119,13 +126,16 @@ def fuse(
         )
     report.seconds = time.perf_counter() - start
     stamp(fused.proto, report)
-    return Result(fused=fused, report=report, external_data=external)
+    return Result(fused=fused, report=report, external_data=external, source_files=files)
 
 
 def write(result: Result, destination: str | os.PathLike[str], source: Path | None = None,
-          force: bool = False) -> list[Path]:
-    """Atomically write a fused model (external data when the input had it or past 2 GB)."""
+          force: bool = False, report: Path | None = None) -> list[Path]:
+    """Atomically write a fused model (external data when the input had it or past 2 GB).
+    Nothing is written when any destination (the model, its data file, `report` if given)
+    would overwrite a file the input reads or one another (io.check_writes)."""
     dst = Path(destination)
-    io.check_destination(source, dst, force)
+    sources = result.source_files or ([source] if source is not None else [])
+    io.check_writes(sources, dst, result.writes_external_data, report, force)
     result.report.destination = str(dst)
-    return io.save_atomic(result.fused, dst, external_data=result.external_data)
+    return io.save_atomic(result.fused, dst, external_data=result.writes_external_data)

@@ -112,18 +112,18 @@ def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
          input_shape: tuple[str, ...], explain: bool, force: bool, quiet: bool) -> int:
     """Fuse SRC into an equivalent plain model written to DST."""
     shapes = parse_input_shapes(input_shape)
-    io.check_destination(src if src.exists() else None, dst, force)
-    if report_path is not None and not report_path.parent.exists():
-        raise OnnxrepError(f"{report_path.parent}: report folder does not exist")
-    if report_path is not None and report_path.is_dir():
-        raise OnnxrepError(f"{report_path}: is a directory, expected a report file name")
+    # the cheap checks now, before the work; all of them again once the input's files are known
+    io.check_writes([src] if src.exists() else [], dst, False, report_path, force)
     result = api.fuse(src, rules=_ids(only), skip=_ids(skip) or (),
                       remove_residuals=remove_residuals, verify=not no_verify,
                       rtol=rtol, atol=atol, input_shapes=shapes)
     report = result.report
     failed = report.verification is not None and not report.verification.passed
     if not failed or force:
-        api.write(result, dst, source=src, force=force)
+        api.write(result, dst, source=src, force=force, report=report_path)
+    else:
+        io.check_writes(result.source_files, dst, result.writes_external_data, report_path,
+                        force)
     if report_path is not None:
         report_path.write_text(report.to_json())
     if not quiet:

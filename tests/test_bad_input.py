@@ -158,6 +158,60 @@ def test_report_folder_missing_or_a_directory(folders: tuple[Path, Path]) -> Non
     expect_bad(path, dst, "--report", str(src / "r.json"), words=("is a directory",))
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("report_is", ["input", "output", "input-data", "output-data"])
+def test_the_report_never_overwrites_a_model_file(folders: tuple[Path, Path],
+                                                  report_is: str) -> None:
+    """--report naming the input, the output or a data file: exit 2 before anything is
+    written (the model included), every file as it was."""
+    src, dst = folders
+    path = external_model(src)
+    out = dst / "out.onnx"
+    out.write_bytes(b"the user's old output")
+    report = {"input": path, "output": out, "input-data": src / "model.onnx.data",
+              "output-data": dst / "out.onnx.data"}[report_is]
+    if report_is == "output-data":
+        report.write_bytes(b"the user's old data")
+    before = _snapshot(src) | {f"dst/{k}": v for k, v in _snapshot(dst).items()}
+    proc = cli("fuse", path, out, "--report", report)
+    line = assert_one_line_error(proc.returncode, proc.stderr)
+    assert "the report would overwrite" in line, line
+    assert before == _snapshot(src) | {f"dst/{k}": v for k, v in _snapshot(dst).items()}
+
+
+def test_the_output_data_file_never_overwrites_the_inputs_data(tmp_path: Path) -> None:
+    """An input reading b.onnx.data, written to b.onnx beside it: the output's data file would
+    replace the data the input model reads."""
+    path = tmp_path / "a.onnx"
+    onnx.save(small_model(), str(path), save_as_external_data=True, location="b.onnx.data",
+              size_threshold=0)
+    before = _snapshot(tmp_path)
+    proc = cli("fuse", path, tmp_path / "b.onnx")
+    line = assert_one_line_error(proc.returncode, proc.stderr)
+    assert "refusing to overwrite b.onnx.data, which the input model reads" in line, line
+    assert _snapshot(tmp_path) == before
+    forced = cli("fuse", path, tmp_path / "b.onnx", "--force", "-q")
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_model_is_written(
+        folders: tuple[Path, Path]) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    src, dst = folders
+    path = src / "model.onnx"
+    onnx.save(small_model(), str(path))
+    locked = dst / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    expect_bad(path, dst, "--report", str(locked / "r.json"), words=("cannot write the report",))
+
+
 def test_bad_input_shape_spec(folders: tuple[Path, Path]) -> None:
     src, dst = folders
     path = src / "model.onnx"

@@ -21,6 +21,8 @@ from onnxrep.io.load import (
 from onnxrep.io.save import (
     SplitModel,
     check_destination,
+    check_writes,
+    data_file,
     save_atomic,
     serialize,
     write_external,
@@ -35,6 +37,8 @@ __all__ = [
     "all_tensors",
     "check",
     "check_destination",
+    "check_writes",
+    "data_file",
     "external_source",
     "has_data",
     "header_of",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
     external_data: bool  # the file kept (some) weights in an external data file
+    files: list[Path] = field(default_factory=list)  # every file it reads: model, data files
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -110,6 +111,7 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
         raise OnnxrepError(f"{path}: cannot read model: {first_line(exc)}") from exc
     if model.ir_version <= 0 or not model.opset_import or not model.graph.output:
         raise OnnxrepError(f"{path}: not an ONNX model (no IR version, opset or graph outputs)")
+    files = [path]
     if _uses_external_data(model):
         initializers = list(model.graph.initializer)  # held: upb wrappers keep their ids
         top = {id(t) for t in initializers}
@@ -118,9 +120,12 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
                 if not edh.uses_external_data(tensor):
                     continue
                 if id(tensor) in top:
-                    external_source(tensor, path.parent)  # checked now, read by normalize
+                    file = external_source(tensor, path.parent)[0]  # read by normalize
                 else:  # a subgraph's or an attribute's tensor: rare and small, read now
                     edh.load_external_data_for_tensor(tensor, str(path.parent))
+                    file = path.parent / edh.ExternalDataInfo(tensor).location
+                if file not in files:
+                    files.append(file)
         except FileNotFoundError as exc:
             missing = getattr(exc, "filename", None) or first_line(exc)
             raise OnnxrepError(f"{path}: external data file missing: {missing}") from exc
@@ -128,7 +133,7 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
             raise OnnxrepError(f"{path}: cannot read external data: {first_line(exc)}") from exc
     _check_initializer_sizes(model)
     check(model, str(path))
-    return LoadedModel(model=model, path=path, external_data=external)
+    return LoadedModel(model=model, path=path, external_data=external, files=files)
 
 
 def external_source(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int]:

@@ -72,6 +72,44 @@ def check_destination(src: Path | None, dst: Path, force: bool) -> None:
             raise OnnxrepError(f"{dst}: refusing to overwrite the input model (use --force)")
 
 
+def data_file(dst: Path) -> Path:
+    """Where `save_atomic` puts the external data of a model written to `dst`."""
+    return dst.parent / (dst.name + ".data")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_writes(sources: list[Path], dst: Path, external_data: bool,
+                 report: Path | None = None, force: bool = False) -> None:
+    """Before anything is written: every file a fuse would write (the model, its external
+    data, the report) is writable and none is a file the input model reads (`sources`: the
+    model and its data files; --force allows overwriting those with the model, never with the
+    report) or another of the written files."""
+    check_destination(sources[0] if sources else None, dst, force)
+    model_files = [dst] + ([data_file(dst)] if external_data else [])
+    for written in model_files[1:]:
+        for source in sources:
+            if _same(written, source) and not force:
+                raise OnnxrepError(f"{written}: refusing to overwrite {source.name}, which the "
+                                   "input model reads (use --force)")
+    if report is None:
+        return
+    if not report.parent.exists():
+        raise OnnxrepError(f"{report.parent}: report folder does not exist")
+    if report.is_dir():
+        raise OnnxrepError(f"{report}: is a directory, expected a report file name")
+    for other in [*sources, *model_files]:
+        if _same(report, other):
+            raise OnnxrepError(f"{report}: the report would overwrite {other} (a model file)")
+    if not os.access(report.parent, os.W_OK) or (report.exists() and
+                                                 not os.access(report, os.W_OK)):
+        raise OnnxrepError(f"{report}: cannot write the report there")
+
+
 def write_external(model: SplitModel, out: BinaryIO, data: BinaryIO, location: str) -> None:
     """Weights of EXTERNAL_THRESHOLD bytes and more go to `data` (`location` relative to the
     model file), those of ALIGN_FROM and more at an offset that is a multiple of ALIGNMENT;
