@@ -243,6 +243,7 @@ class Report:
             by_shape.setdefault(shapes, []).append(run.regime + ("" if run.passed else " FAIL"))
         rows = [f"  inputs {shapes}: {', '.join(regimes)}" for shapes, regimes in by_shape.items()]
         rows += [f"  skipped {text}" for text in v.skipped]
+        rows += [f"  {name}: {why}" for name, why in v.substituted.items()]
         rows += [f"  {o.name}: max|err| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}"
                  f"  {'ok' if o.passed else 'FAIL'} (rtol {o.rtol:g}, atol {o.atol:g})"
                  for o in v.outputs]

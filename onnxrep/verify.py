@@ -16,6 +16,11 @@ Per output: max absolute error, relative L2 error, and pass/fail: an output pass
 relative L2 error is at most rtol, or its max absolute error at most atol (outputs near zero).
 Tolerances default per output dtype (`TOLERANCES`): a float16 model rounds 2^13 times more
 coarsely than a float32 one, and its exact fusion differs from it by that much.
+Discontinuous outputs: an output computed through TopK, ArgMax, NonMaxSuppression, a
+comparison, a rounding or a cast to an integer type turns float rounding into a different
+selection, so an exact fusion can change it. Such outputs are not compared; the tensors that
+feed the first discontinuous ops are compared instead (when the fused model still has them by
+name; otherwise the output itself is), and the report says which.
 """
 
 from __future__ import annotations
@@ -80,6 +85,13 @@ class Run:
         return all(o.passed for o in self.outputs)
 
 
+# ops whose output jumps when an input moves by a rounding error
+DISCONTINUOUS_OPS = frozenset({
+    "TopK", "ArgMax", "ArgMin", "NonMaxSuppression", "Round", "Floor", "Ceil", "Sign",
+    "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Mod",
+})
+
+
 @dataclass
 class Verification:
     passed: bool
@@ -89,6 +101,8 @@ class Verification:
     input_shapes: Dims = field(default_factory=dict)  # the first run's
     runs: list[Run] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # shapes the input model does not admit
+    # outputs after a discontinuous op -> what was compared in their place, and why
+    substituted: dict[str, str] = field(default_factory=dict)
 
     @property
     def worst_rel_l2(self) -> float:
@@ -267,12 +281,90 @@ def compare_outputs(
     return diffs
 
 
-def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str) -> list:
+def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str,
+         names: list[str] | None = None) -> list:
     try:
-        return sess.run(None, feeds)
+        return sess.run(names, feeds)
     except Exception as exc:  # noqa: BLE001 - one line for users
         raise OnnxrepError(f"onnxruntime failed to run the {which} model: {first_line(exc)}"
                            ) from exc
+
+
+def _structure(model: ModelRef) -> onnx.ModelProto:
+    """The model's graph without the bytes of its large weights."""
+    if isinstance(model, SplitModel):
+        return model.proto
+    if isinstance(model, onnx.ModelProto):
+        return model
+    from onnxrep.io.wire import read_without_weight_bytes
+
+    return read_without_weight_bytes(Path(model)) or onnx.load(str(model),
+                                                               load_external_data=False)
+
+
+def _is_discontinuous(node: onnx.NodeProto) -> bool:
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), 0)
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)).kind in "iub"
+    return node.op_type in DISCONTINUOUS_OPS
+
+
+def continuous_substitutes(model: onnx.ModelProto) -> dict[str, tuple[list[str], str]]:
+    """For every graph output computed through a discontinuous op: the tensors feeding the
+    first discontinuous ops of its cone (those with no discontinuous op above them), and
+    the ops, as text. Continuous outputs are not in the result."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    constants = {t.name for t in model.graph.initializer}
+    memo: dict[str, tuple[set[str], set[str]]] = {}
+
+    def cone(tensor: str) -> tuple[set[str], set[str]]:
+        """(frontier tensors, discontinuous ops) above `tensor`."""
+        if tensor in memo:
+            return memo[tensor]
+        memo[tensor] = (set(), set())  # a cycle guard; graphs are acyclic
+        node = producer.get(tensor)
+        frontier: set[str] = set()
+        ops: set[str] = set()
+        if node is not None:
+            above = [cone(i) for i in node.input if i]
+            if _is_discontinuous(node) and not any(o for _, o in above):
+                frontier = {i for i in node.input if i and i not in constants}
+                ops = {f"{node.op_type}({node.name or node.output[0]})"}
+            else:
+                for f, o in above:
+                    frontier |= f
+                    ops |= o
+        memo[tensor] = (frontier, ops)
+        return memo[tensor]
+
+    found = {}
+    for out in model.graph.output:
+        frontier, ops = cone(out.name)
+        if ops:
+            found[out.name] = (sorted(frontier), ", ".join(sorted(ops)))
+    return found
+
+
+def _with_outputs(model: ModelRef, names: list[str]) -> ModelRef:
+    """`model` with `names` as extra graph outputs (a copy; a file is loaded whole)."""
+    if not names:
+        return model
+    if isinstance(model, SplitModel):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        copy: ModelRef = SplitModel(proto, model.weights)
+    elif isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        copy = proto
+    else:
+        proto = onnx.load(str(model))
+        copy = proto
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    return copy
 
 
 def _shapes_text(dims: Dims) -> str:
@@ -288,13 +380,33 @@ def verify(
     seed: int = 0,
 ) -> Verification:
     """Run both models on the same random inputs at every shape of `shape_variants` (every
-    value regime at the first) and compare every output; None tolerances: per output dtype."""
-    ref_sess = session(reference)
-    new_sess = session(candidate)
-    ref_names = [o.name for o in ref_sess.get_outputs()]
-    new_names = [o.name for o in new_sess.get_outputs()]
-    if ref_names != new_names:
-        raise OnnxrepError(f"the models' outputs differ: {ref_names} vs {new_names}")
+    value regime at the first) and compare every continuous output, and in place of the others
+    the tensors that feed their first discontinuous ops; None tolerances: per output dtype."""
+    ref_structure, new_structure = _structure(reference), _structure(candidate)
+    outputs = [o.name for o in ref_structure.graph.output]
+    if outputs != [o.name for o in new_structure.graph.output]:
+        raise OnnxrepError(f"the models' outputs differ: {outputs} vs "
+                           f"{[o.name for o in new_structure.graph.output]}")
+    substitutes = continuous_substitutes(ref_structure)
+    in_fused = {t for n in new_structure.graph.node for t in n.output}
+    compared = [o for o in outputs if o not in substitutes]
+    substituted: dict[str, str] = {}
+    for name, (frontier, ops) in substitutes.items():
+        if frontier and all(t in in_fused for t in frontier):
+            compared += [t for t in frontier if t not in compared]
+            substituted[name] = (f"computed through {ops}: compared {', '.join(frontier)} "
+                                 "(what feeds it) instead")
+        else:
+            compared.append(name)
+            substituted[name] = (f"computed through {ops}, compared as is (the fused model "
+                                 "does not keep what feeds it)")
+    extra = [t for t in compared if t not in outputs]
+    del ref_structure, new_structure
+    ref_sess = session(_with_outputs(reference, extra))
+    new_sess = session(_with_outputs(candidate, extra))
+    all_names = [o.name for o in ref_sess.get_outputs()]
+    picks = [all_names.index(t) for t in compared]
+    ref_names = compared
     inputs = {i.name for i in ref_sess.get_inputs()}
     new_inputs = {i.name for i in new_sess.get_inputs()}
     if new_inputs != inputs:
@@ -306,16 +418,16 @@ def verify(
     for k, (dims, regime) in enumerate(plan):
         feeds = random_inputs(ref_sess, dims, seed + k, regime)
         if k == 0:  # the shape asked for: the input model must run there
-            ref_out = _run(ref_sess, feeds, "input")
+            ref_out = _run(ref_sess, feeds, "input", all_names)
         else:
             try:
-                ref_out = ref_sess.run(None, feeds)
+                ref_out = ref_sess.run(all_names, feeds)
             except Exception as exc:  # noqa: BLE001 - a shape the input model does not admit
                 skipped.append(f"{_shapes_text(dims)}: the input model does not run there "
                                f"({first_line(exc)})")
                 continue
         try:
-            new_out = new_sess.run(None, feeds)
+            new_out = new_sess.run(all_names, feeds)
         except Exception as exc:  # noqa: BLE001 - where the input runs, the fused model must
             if k == 0:
                 raise OnnxrepError("onnxruntime failed to run the fused model: "
@@ -323,7 +435,8 @@ def verify(
             failed = [OutputDiff(n, float("inf"), float("inf"), False) for n in ref_names]
             runs.append(Run(dims, regime, failed))
             continue
-        runs.append(Run(dims, regime, compare_outputs(ref_names, ref_out, new_out, rtol, atol)))
+        runs.append(Run(dims, regime, compare_outputs(
+            ref_names, [ref_out[i] for i in picks], [new_out[i] for i in picks], rtol, atol)))
     worst = [max((r.outputs[i] for r in runs), key=lambda o: (not o.passed, o.rel_l2))
              for i in range(len(ref_names))]
     return Verification(
@@ -334,4 +447,5 @@ def verify(
         input_shapes=runs[0].input_shapes,
         runs=runs,
         skipped=skipped,
+        substituted=substituted,
     )

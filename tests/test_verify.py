@@ -106,3 +106,62 @@ def test_a_shape_the_input_model_does_not_admit_is_skipped_and_said() -> None:
     assert len(result.runs) == 4
     (skipped,) = result.skipped
     assert skipped.startswith("x[2, 3, 4, 4]: the input model does not run there")
+
+
+# --- discontinuous outputs ----------------------------------------------------------------------
+
+
+def _argmax_model(fold: bool) -> onnx.ModelProto:
+    """Conv -> BN -> ArgMax over channels, where channels 0 and 1 tie in real arithmetic (the
+    second filter is the first times 1 + 3e-7): float rounding picks the winner. `fold`: the
+    BN folded into the Conv in float64 (what fold-bn writes), an exact fusion."""
+    from onnxrep import kernels
+
+    w = rand(16, 3, 3, 3, seed=1)
+    w[1] = w[0] * np.float32(1 + 3e-7)
+    b = rand(16, seed=2)
+    b[1] = b[0]
+    b[:2] += 5  # the tied pair wins often
+    gamma, beta, mean, var = (a.copy() for a in bn_params(16, seed=3))
+    for a in (gamma, beta, mean, var):
+        a[1] = a[0]
+    if fold:
+        a, c = kernels.bn_affine(gamma, beta, mean, var, 1e-3)
+        w2, b2 = kernels.scale_conv_output(w, b, a, c)
+        nodes, inits = chain(conv("conv", "x", w2.astype(np.float32), b2.astype(np.float32),
+                                  out="bn_out", pads=[1, 1, 1, 1]))
+    else:
+        nodes, inits = chain(conv("conv", "x", w, b, pads=[1, 1, 1, 1]))
+        names = ["bn.scale", "bn.bias", "bn.mean", "bn.var"]
+        inits += [const(n, v) for n, v in zip(names, (gamma, beta, mean, var), strict=True)]
+        nodes.append(node("BatchNormalization", ["conv_out", *names], ["bn_out"], "bn",
+                          epsilon=1e-3))
+    nodes.append(node("ArgMax", ["bn_out"], ["y"], "argmax", axis=1, keepdims=1))
+    nodes.append(node("Relu", ["bn_out"], ["z"], "relu"))
+    return make_model(nodes, [("x", ["N", 3, 16, 16])],
+                      [("y", None, TensorProto.INT64), ("z", None)], inits)
+
+
+def test_an_output_after_argmax_is_judged_by_what_feeds_the_argmax() -> None:
+    """The tie flips between the two exact forms (the ArgMax outputs differ), yet the models
+    are equal up to rounding: the BN output is compared in the ArgMax output's place."""
+    from onnxrep.verify import session
+
+    ref, fused = _argmax_model(False), _argmax_model(True)
+    feeds = {"x": rand(1, 3, 16, 16, seed=5)}
+    assert not np.array_equal(session(ref).run(["y"], feeds)[0],
+                              session(fused).run(["y"], feeds)[0])  # the premise
+    result = verify(ref, fused)
+    assert result.passed, result.outputs
+    assert [o.name for o in result.outputs] == ["z", "bn_out"]
+    assert result.substituted == {
+        "y": "computed through ArgMax(argmax): compared bn_out (what feeds it) instead"}
+
+
+def test_a_wrong_fusion_before_an_argmax_is_still_caught() -> None:
+    ref, fused = _argmax_model(False), _argmax_model(True)
+    bias = next(t for t in fused.graph.initializer if t.name == "conv.b")
+    wrong = onnx.numpy_helper.to_array(bias).copy()
+    wrong[5] += 0.01
+    bias.CopyFrom(onnx.numpy_helper.from_array(wrong, "conv.b"))
+    assert not verify(ref, fused).passed
