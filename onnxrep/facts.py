@@ -209,12 +209,3 @@ def gemm_params(gemm: gs.Node) -> GemmParams | Refusal:
 def produced_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
     node = producer(tensor)
     return node if node is not None and node.op == op else None
-
-
-# TRANSITION: old names for rule files not yet on the new contract (removed when all are)
-from onnxrep.nonnegative import clip_bounds, nonnegative  # noqa: E402, F401
-
-
-def not_nonnegative_reason(graph: gs.Graph, tensor: gs.Tensor) -> str | None:  # TRANSITION
-    proof = nonnegative(graph, tensor)
-    return proof.reason if isinstance(proof, Refusal) else None

@@ -311,20 +311,6 @@ def carried_bounds(
     return lo, hi
 
 
-def compose_pointwise(
-    w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """conv2(conv1(x)) for two group-1, pad-0 1x1 convs (RULES-SPEC §6, 1x1 -> 1x1):
-    W = W2 @ W1, b = W2 @ b1 + b2 (the caller multiplies the strides)."""
-    a, b = f64(w1), f64(w2)
-    m1 = a.reshape(a.shape[0], a.shape[1])
-    m2 = b.reshape(b.shape[0], b.shape[1])
-    bias1 = bias_or_zeros(b1, m1.shape[0])
-    bias2 = bias_or_zeros(b2, m2.shape[0])
-    w = (m2 @ m1).reshape((m2.shape[0], m1.shape[1]) + a.shape[2:])
-    return w, m2 @ bias1 + bias2
-
-
 def grouped_to_full(weight: np.ndarray, group: int) -> np.ndarray:
     """A grouped conv weight [O, I/g, *k] as the dense [O, I, *k] it stands for."""
     w = f64(weight)

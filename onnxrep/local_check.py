@@ -7,6 +7,10 @@ same random inputs at several sizes and in several value regimes; a difference p
 tolerance refuses the rewrite, naming the rule, so a rule bug costs one fusion, not a wrong
 model. It is cheap: one block, at small sizes where the model leaves sizes free.
 
+Values: a boundary input the rule proved non-negative upstream (the precondition of residual
+removal, `Replacement.nonnegative_inputs`) gets the absolute values of each regime: the block
+is only claimed equal on the inputs it can receive.
+
 Sizes: a boundary dimension that is static in the graph keeps its value; a symbolic (or
 unknown) one is free: batch (axis 0) takes 1 and 2, spatial axes (2 and up of a rank >= 3
 tensor) take sizes of both parities (stride-2 alignment differs with the parity), the same
@@ -202,6 +206,9 @@ def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalChec
             rng = np.random.default_rng(seed + 31 * k + j)
             feeds = {t.name: _random_tensor(rng, _ort_type(t), dims[t.name], regime)
                      for t in block.inputs}
+            for t in replacement.nonnegative_inputs:  # a precondition proven upstream
+                if t.name in feeds:
+                    feeds[t.name] = np.abs(feeds[t.name])
             try:
                 ref = before.run(None, feeds)
             except Exception:  # noqa: BLE001 - a size the block does not admit

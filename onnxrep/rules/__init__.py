@@ -11,7 +11,8 @@ from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
 from onnxrep.rules.merge_concat import MergeConcatenatedConvs
 from onnxrep.rules.merge_parallel import MergeParallelBranches
 from onnxrep.rules.merge_sequential import MergeSequentialConvs
-from onnxrep.rules.remove_residuals import MergePointwisePair, RemoveResidual
+from onnxrep.rules.remove_residual import RemoveResidual
+from onnxrep.rules.rm_merge_pointwise import MergePointwisePair
 
 RULES: list[Rule] = [
     FoldBatchNormIntoProducer(),

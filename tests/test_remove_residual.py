@@ -1,20 +1,18 @@
-"""remove-residual / rm-merge-pointwise (opt-in RM, RULES-SPEC §10), facts.nonnegative and
-report.macs: hand-built blocks for every precondition, then torch exports end to end."""
+"""remove-residual (opt-in RM, docs/RULES.md, remove-residual) and report.macs: hand-built
+blocks for every precondition, then torch exports end to end. The proofs of x >= 0 have their
+own tests (test_nonnegative.py), rm-merge-pointwise too (test_rm_merge_pointwise.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxrep import facts
 from onnxrep.report import macs
 from tests.helpers import (
     applied_rules,
@@ -199,6 +197,37 @@ def test_refused_when_block_input_not_provably_nonnegative() -> None:
     assert result.verified
 
 
+@pytest.mark.parametrize("source,words", [
+    ("clip", "max -1 < 0"),  # ONNX Clip with min > max outputs max: x = -1 everywhere
+    ("resize", "extrapolates with -2"),  # tf_crop_and_resize fills outside the roi with -2
+])
+def test_refused_when_the_block_input_only_looks_nonnegative(source: str, words: str) -> None:
+    """Issue 12, hole 2: an op that is >= 0 for its usual attributes but not for these. Were
+    the rule to fire, the carried x < 0 would pass relu1 as 0 and the model would change."""
+    model = basic_block()
+    relu_in = next(n for n in model.graph.node if n.name == "relu_in")
+    if source == "clip":
+        relu_in.CopyFrom(node("Clip", ["input", "lo", "hi"], ["x"], "clip_in"))
+        model.graph.initializer.extend([const("lo", 0.5), const("hi", -1.0)])
+    else:  # Relu(input[4x4]) -> Resize x2 over roi [-0.5, 1.5]: the border is -2
+        relu_in.CopyFrom(node("Relu", ["input"], ["r"], "relu_in"))
+        model.graph.node.insert(1, node(
+            "Resize", ["r", "roi", "scales"], ["x"], "resize_in", mode="nearest",
+            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-2.0))
+        model.graph.initializer.extend([const("roi", [0, 0, -0.5, -0.5, 1, 1, 1.5, 1.5]),
+                                        const("scales", [1, 1, 2, 2])])
+        model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 4
+        model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 4
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None))
+    assert run(probe, _feeds(model))[1].min() < 0  # the counterexample is real
+    result = fuse_model(model, remove_residuals=True)
+    expect_refused(result, RM, "block input", words, "relu1")
+    assert op_counts(result.model)["Add"] == 1
+    assert result.verified
+
+
 def test_refused_when_residual_operand_is_not_the_block_input() -> None:
     model = basic_block()
     add = next(n for n in model.graph.node if n.op_type == "Add")
@@ -325,75 +354,6 @@ def test_inverted_block_without_expansion_grouped_first_conv() -> None:
     expect_fused(result, {"Conv": 2, "Max": 1, "Min": 1}, {RM: 1})
     assert _conv_weights(result.model) == {"dw": (8, 1, 3, 3), "project": (4, 8, 1, 1)}
     assert_same_outputs(model, result.model, _feeds(model, scale=20.0))
-
-
-def test_pointwise_merge_needs_a_sole_reader() -> None:
-    model = inverted_block()
-    model.graph.output.append(helper.make_tensor_value_info("sum", onnx.TensorProto.FLOAT,
-                                                            ["N", 4, 8, 8]))
-    result = fuse_model(model, remove_residuals=True)
-    assert applied_rules(result) == Counter({RM: 1})
-    expect_refused(result, PW, "graph output")
-    assert result.verified
-
-
-# --- facts.nonnegative ------------------------------------------------------------------
-
-
-def _graph(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
-           outputs: list[str]) -> gs.Graph:
-    model = make_model(nodes, [("x", [1, 4, 6, 6])], [(o, None) for o in outputs], inits,
-                       check=False)
-    return gs.import_onnx(model)
-
-
-@pytest.mark.parametrize("nodes,inits,chain", [
-    ([node("Relu", ["x"], ["a"]), node("MaxPool", ["a"], ["y"], kernel_shape=[2, 2])], [],
-     "y >= 0 via MaxPool(y) <- Relu(a)"),
-    ([node("Clip", ["x", "lo"], ["y"])], [const("lo", 0.5)], "y >= 0 via Clip(y, min 0.5)"),
-    ([node("Sigmoid", ["x"], ["s"]), node("Abs", ["x"], ["a"]),
-      node("Concat", ["s", "a"], ["c"], axis=1), node("Flatten", ["c"], ["y"])], [],
-     "y >= 0 via Flatten(y) <- Concat(c) of (Sigmoid(s); Abs(a))"),
-    ([node("Max", ["x", "z"], ["y"])], [const("z", np.zeros((1, 4, 1, 1)))],
-     "y >= 0 via Max(y) <- constant z >= 0"),
-    ([node("Exp", ["x"], ["e"]), node("Pad", ["e", "p"], ["y"])],
-     [const("p", [0, 0, 1, 1, 0, 0, 1, 1], np.int64)], "y >= 0 via Pad(y) <- Exp(e)"),
-    ([node("Softmax", ["x"], ["s"]), node("Mul", ["s", "s"], ["y"])], [],
-     "y >= 0 via Mul(y) of (Softmax(s); Softmax(s))"),
-])
-def test_nonnegative_proofs(nodes: list, inits: list, chain: str) -> None:
-    graph = _graph(nodes, inits, ["y"])
-    proof = facts.nonnegative(graph, graph.tensors()["y"])
-    assert proof is not None and str(proof) == chain
-
-
-@pytest.mark.parametrize("nodes,inits,words", [
-    ([node("Conv", ["x", "w"], ["y"])], [const("w", rand(4, 4, 1, 1))],
-     "Conv(y) is not known"),
-    ([node("Clip", ["x", "lo"], ["y"])], [const("lo", -1.0)], "x is a graph input"),
-    ([node("Relu", ["x"], ["r"]), node("Pad", ["r", "p", "v"], ["y"])],
-     [const("p", [0, 0, 1, 1, 0, 0, 1, 1], np.int64), const("v", -1.0)], "pad value"),
-    ([node("Relu", ["x"], ["r"]), node("Resize", ["r", "", "s"], ["y"], mode="linear")],
-     [const("s", [1, 1, 2, 2])], "interpolates (linear)"),
-    ([node("Relu", ["x"], ["r"]), node("Add", ["r", "x"], ["y"])], [], "Add(y) <- x is a graph"),
-    ([node("Relu", ["x"], ["r"]), node("Sub", ["r", "r"], ["y"])], [], "Sub(y) is not known"),
-])
-def test_nonnegative_refuses_unknowns(nodes: list, inits: list, words: str) -> None:
-    graph = _graph(nodes, inits, ["y"])
-    assert facts.nonnegative(graph, graph.tensors()["y"]) is None
-    reason = facts.not_nonnegative_reason(graph, graph.tensors()["y"])
-    assert "'y' is not provably non-negative" in reason and words in reason, reason
-
-
-def test_nonnegative_is_memoised() -> None:
-    """40 levels of Add(t, t): 2^40 paths, one visit per tensor."""
-    nodes = [node("Relu", ["x"], ["t0"])]
-    nodes += [node("Add", [f"t{i}", f"t{i}"], [f"t{i + 1}"]) for i in range(40)]
-    graph = _graph(nodes, [], ["t40"])
-    start = time.perf_counter()
-    proof = facts.nonnegative(graph, graph.tensors()["t40"])
-    assert proof is not None and len(str(proof)) < 1000  # the text does not double per level
-    assert time.perf_counter() - start < 1.0
 
 
 # --- report.macs ------------------------------------------------------------------------
