@@ -59,11 +59,15 @@ def attr_ints(node: gs.Node, name: str, default: list[int]) -> list[int]:
 
 
 def conv_attrs(node: gs.Node) -> dict[str, Any]:
-    """strides, pads [begins..., ends...], dilations and group of a Conv, with ONNX defaults."""
+    """strides, pads [begins..., ends...], dilations and group of a Conv, with ONNX defaults.
+    auto_pad=VALID pads nothing whatever the pads attribute says (onnxruntime ignores it)."""
     spatial = len(constant_value(node.inputs[1]).shape) - 2
+    pads = attr_ints(node, "pads", [0] * (2 * spatial))
+    if attr_str(node, "auto_pad", "NOTSET") == "VALID":
+        pads = [0] * (2 * spatial)
     return {
         "strides": attr_ints(node, "strides", [1] * spatial),
-        "pads": attr_ints(node, "pads", [0] * (2 * spatial)),
+        "pads": pads,
         "dilations": attr_ints(node, "dilations", [1] * spatial),
         "group": int(node.attrs.get("group", 1)),
     }
