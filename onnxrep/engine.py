@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from onnxrep import gs_bridge, local_check
 from onnxrep.errors import RulesDidNotConverge, first_line
+from onnxrep.query import is_graph_output
 from onnxrep.rule import (
     Applied,
     Match,
@@ -41,7 +42,7 @@ from onnxrep.rule import (
     Replacement,
     Rule,
 )
-from onnxrep.surgery import detach_output, fresh_namer, is_graph_output
+from onnxrep.surgery import detach_output, fresh_namer
 
 MAX_ITERATIONS = 64
 

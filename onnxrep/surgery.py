@@ -5,15 +5,11 @@ the graph through onnxrep.query.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Container, Iterable
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep.query import is_graph_input, is_graph_output, producer
-# TRANSITION: re-exports for rule files not yet on the new contract (removed when all are)
-from onnxrep.query import constant_value, conv_attrs, conv_weight_bias  # noqa: F401, E402
 
 
 def _fresh(taken: Container[str], base: str) -> str:
@@ -36,40 +32,6 @@ def fresh_namer(taken: Iterable[str]) -> Callable[[str], str]:
         return name
 
     return fresh
-
-
-def fresh_node_name(graph: gs.Graph, base: str) -> str:
-    return _fresh({n.name for n in graph.nodes}, base)
-
-
-def fresh_tensor_name(graph: gs.Graph, base: str) -> str:
-    return _fresh(graph.tensors().keys(), base)
-
-
-def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(fresh_tensor_name(graph, base), np.ascontiguousarray(values))
-
-
-def new_variable(graph: gs.Graph, base: str, dtype: Any = None) -> gs.Variable:
-    return gs.Variable(fresh_tensor_name(graph, base), dtype=dtype)
-
-
-def add_node(
-    graph: gs.Graph,
-    op: str,
-    name: str,
-    inputs: Sequence[gs.Tensor],
-    outputs: Sequence[gs.Tensor],
-    attrs: dict[str, Any] | None = None,
-) -> gs.Node:
-    """Append a node; any previous producer of an output gives that output up."""
-    for out in outputs:
-        for old in list(out.inputs):
-            detach_output(old, out)
-    node = gs.Node(op=op, name=fresh_node_name(graph, name), attrs=dict(attrs or {}),
-                   inputs=list(inputs), outputs=list(outputs))
-    graph.nodes.append(node)
-    return node
 
 
 def detach_output(node: gs.Node, tensor: gs.Tensor) -> None:
@@ -120,33 +82,3 @@ def bypass(graph: gs.Graph, node: gs.Node, through: gs.Tensor) -> bool:
     node.inputs.clear()
     node.outputs.clear()
     return True
-
-
-def replace_with_conv(
-    graph: gs.Graph,
-    name: str,
-    x: gs.Tensor,
-    out: gs.Tensor,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    attrs: dict[str, Any],
-    op: str = "Conv",
-) -> gs.Node:
-    """A new Conv (or ConvTranspose) on `x` that produces `out` (its old producer gives it up).
-    The kernel_shape attribute is derived from the weight, never copied."""
-    attrs = {k: v for k, v in attrs.items() if k != "kernel_shape"}
-    attrs["kernel_shape"] = list(weight.shape[2:])
-    w = new_constant(graph, f"{name}.weight", weight)
-    b = new_constant(graph, f"{name}.bias", bias)
-    return add_node(graph, op, name, [x, w, b], [out], attrs)
-
-
-def retire(nodes: Sequence[gs.Node]) -> list[str]:
-    """Disconnect nodes that a rewrite replaces (cleanup then drops them) and free their
-    names, so the replacement can take the name of the node it stands for."""
-    names = [n.name for n in nodes]
-    for node in nodes:
-        node.inputs.clear()
-        node.outputs.clear()
-        node.name = ""
-    return names

@@ -291,3 +291,75 @@ def export_families(root: Any, names: Iterable[str]) -> dict[str, dict[str, Any]
                              {form: root / f"{name}-{form}-plain.onnx" for form in fam.forms})
         out[name].update({f"{form}-plain": path for form, path in plain.items()})
     return out
+
+
+# --- small graph builders shared by rule tests ------------------------------------------
+
+C = 4
+
+
+class G:
+    """A tiny graph under construction: x[N, C, H, W] plus named pieces."""
+
+    def __init__(self, cin: int = C, hw: tuple[int, int] = (9, 7)) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.cin, self.hw, self.seed = cin, hw, 10
+
+    def add(self, piece: tuple) -> None:
+        n, i = piece
+        self.nodes.append(n)
+        self.inits += i
+
+    def conv(self, name: str, x: str, cout: int, k: tuple[int, int] | int, group: int = 1,
+             cin: int | None = None, **attrs: object) -> str:
+        kh, kw = (k, k) if isinstance(k, int) else k
+        cin = cin or self.cin
+        self.seed += 2
+        attrs.setdefault("pads", [kh // 2, kw // 2, kh // 2, kw // 2])
+        self.add(conv(name, x, rand(cout, cin // group, kh, kw, seed=self.seed),
+                      rand(cout, seed=self.seed + 1), out=f"{name}_out", group=group, **attrs))
+        return f"{name}_out"
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs: object) -> str:
+        self.nodes.append(node(op, inputs, [f"{name}_out"], name, **attrs))
+        return f"{name}_out"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(const(name, value, value.dtype))
+        return name
+
+    def model(self, *outputs: str) -> onnx.ModelProto:
+        return make_model(self.nodes, [("x", ["N", self.cin, *self.hw])],
+                          [(o, None) for o in outputs], self.inits)
+
+
+def wt(*shape: int, seed: int) -> np.ndarray:
+    """A seeded weight of standard deviation 0.5 (deep test chains stay well scaled)."""
+    return rand(*shape, seed=seed) * np.float32(0.5)
+
+
+def inverted_block(c: int = 4, t: int = 3, expand: bool = True, follow: bool = True,
+                   scale: float = 1.0) -> onnx.ModelProto:
+    """MobileNetV2: x (graph input: sign unknown) [-> 1x1 expand -> Clip(0, 6)] -> dw3x3 ->
+    Clip(0, 6) -> 1x1 project -> Add(x) [-> 1x1 next]. No activation after the Add."""
+    hidden = c * t if expand else c
+    pieces = []
+    src = "input"
+    if expand:
+        pieces += [conv("expand", "input", wt(hidden, c, 1, 1, seed=1) * np.float32(scale),
+                        rand(hidden, seed=2), out="e"),
+                   (node("Clip", ["e", "zero", "six"], ["e6"], "clip1"), [])]
+        src = "e6"
+    pieces += [
+        conv("dw", src, wt(hidden, 1, 3, 3, seed=3), rand(hidden, seed=4), out="dwo",
+             pads=[1, 1, 1, 1], group=hidden),
+        (node("Clip", ["dwo", "zero", "six"], ["d6"], "clip2"), []),
+        conv("project", "d6", wt(c, hidden, 1, 1, seed=5), rand(c, seed=6), out="p"),
+        (node("Add", ["input", "p"], ["sum" if follow else "y"], "add"), []),
+    ]
+    if follow:
+        pieces.append(conv("next", "sum", wt(5, c, 1, 1, seed=7), rand(5, seed=8), out="y"))
+    nodes = [p[0] for p in pieces]
+    inits = [i for p in pieces for i in p[1]] + [const("zero", 0.0), const("six", 6.0)]
+    return make_model(nodes, [("input", ["N", c, 8, 8])], [("y", None)], inits)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tests.helpers import applied_rules, expect_fused, expect_refused, fuse_model, op_counts
-from tests.test_merge_parallel_rules import C, G
+from tests.helpers import C, G, applied_rules, expect_fused, expect_refused, fuse_model, op_counts
 
 RULE = "merge-concat"
 

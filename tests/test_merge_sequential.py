@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
+    C,
+    G,
     applied_rules,
     assert_same_outputs,
     expect_fused,
@@ -15,7 +17,6 @@ from tests.helpers import (
     op_counts,
     rand,
 )
-from tests.test_merge_parallel import C, G
 
 RULE = "merge-sequential"
 

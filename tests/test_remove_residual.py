@@ -24,19 +24,17 @@ from tests.helpers import (
     expect_refused,
     fuse_model,
     initializer,
+    inverted_block,
     make_model,
     node,
     op_counts,
     rand,
     run,
+    wt,
 )
 
 RM = "remove-residual"
 PW = "rm-merge-pointwise"
-
-
-def _w(*shape: int, seed: int) -> np.ndarray:
-    return rand(*shape, seed=seed) * np.float32(0.5)
 
 
 def basic_block(cin: int = 4, planes: int = 4, stride: int = 1, downsample: bool = False,
@@ -48,16 +46,16 @@ def basic_block(cin: int = 4, planes: int = 4, stride: int = 1, downsample: bool
         nodes.append(node("Relu", ["input"], ["x"], "relu_in"))
     else:
         x = "input"
-    for n, i in (conv("conv1", x, _w(planes, cin, 3, 3, seed=1), rand(planes, seed=2),
+    for n, i in (conv("conv1", x, wt(planes, cin, 3, 3, seed=1), rand(planes, seed=2),
                       out="c1", pads=[1, 1, 1, 1], strides=[stride, stride]),
                  (node("Relu", ["c1"], ["r1"], "relu1"), []),
-                 conv("conv2", "r1", _w(planes, planes, 3, 3, seed=3), rand(planes, seed=4),
+                 conv("conv2", "r1", wt(planes, planes, 3, 3, seed=3), rand(planes, seed=4),
                       out="c2", pads=[1, 1, 1, 1])):
         nodes.append(n)
         inits += i
     short = x
     if downsample:
-        n, i = conv("down", x, _w(planes, cin, 1, 1, seed=5), rand(planes, seed=6), out="d",
+        n, i = conv("down", x, wt(planes, cin, 1, 1, seed=5), rand(planes, seed=6), out="d",
                     strides=[stride, stride])
         nodes.append(n)
         inits += i
@@ -71,16 +69,16 @@ def bottleneck_block(cin: int = 8, mid: int = 2, cout: int = 8, stride: int = 1,
     """Relu -> x -> 1x1 -> Relu -> 3x3(s, group) -> Relu -> 1x1 -> Add(x | 1x1_s(x)) -> Relu."""
     pieces = [
         (node("Relu", ["input"], ["x"], "relu_in"), []),
-        conv("conv1", "x", _w(mid, cin, 1, 1, seed=1), rand(mid, seed=2), out="c1"),
+        conv("conv1", "x", wt(mid, cin, 1, 1, seed=1), rand(mid, seed=2), out="c1"),
         (node("Relu", ["c1"], ["r1"], "relu1"), []),
-        conv("conv2", "r1", _w(mid, mid // group, 3, 3, seed=3), rand(mid, seed=4), out="c2",
+        conv("conv2", "r1", wt(mid, mid // group, 3, 3, seed=3), rand(mid, seed=4), out="c2",
              pads=[1, 1, 1, 1], strides=[stride, stride], group=group),
         (node("Relu", ["c2"], ["r2"], "relu2"), []),
-        conv("conv3", "r2", _w(cout, mid, 1, 1, seed=5), rand(cout, seed=6), out="c3"),
+        conv("conv3", "r2", wt(cout, mid, 1, 1, seed=5), rand(cout, seed=6), out="c3"),
     ]
     short = "x"
     if downsample:
-        pieces.append(conv("down", "x", _w(cout, cin, 1, 1, seed=7), None, out="d",
+        pieces.append(conv("down", "x", wt(cout, cin, 1, 1, seed=7), None, out="d",
                            strides=[stride, stride]))
         short = "d"
     pieces += [(node("Add", [short, "c3"], ["sum"], "add"), []),
@@ -88,32 +86,6 @@ def bottleneck_block(cin: int = 8, mid: int = 2, cout: int = 8, stride: int = 1,
     nodes = [p[0] for p in pieces]
     inits = [i for p in pieces for i in p[1]]
     return make_model(nodes, [("input", ["N", cin, 8, 8])], [("y", None)], inits)
-
-
-def inverted_block(c: int = 4, t: int = 3, expand: bool = True, follow: bool = True,
-                   scale: float = 1.0) -> onnx.ModelProto:
-    """MobileNetV2: x (graph input: sign unknown) [-> 1x1 expand -> Clip(0, 6)] -> dw3x3 ->
-    Clip(0, 6) -> 1x1 project -> Add(x) [-> 1x1 next]. No activation after the Add."""
-    hidden = c * t if expand else c
-    pieces = []
-    src = "input"
-    if expand:
-        pieces += [conv("expand", "input", _w(hidden, c, 1, 1, seed=1) * np.float32(scale),
-                        rand(hidden, seed=2), out="e"),
-                   (node("Clip", ["e", "zero", "six"], ["e6"], "clip1"), [])]
-        src = "e6"
-    pieces += [
-        conv("dw", src, _w(hidden, 1, 3, 3, seed=3), rand(hidden, seed=4), out="dwo",
-             pads=[1, 1, 1, 1], group=hidden),
-        (node("Clip", ["dwo", "zero", "six"], ["d6"], "clip2"), []),
-        conv("project", "d6", _w(c, hidden, 1, 1, seed=5), rand(c, seed=6), out="p"),
-        (node("Add", ["input", "p"], ["sum" if follow else "y"], "add"), []),
-    ]
-    if follow:
-        pieces.append(conv("next", "sum", _w(5, c, 1, 1, seed=7), rand(5, seed=8), out="y"))
-    nodes = [p[0] for p in pieces]
-    inits = [i for p in pieces for i in p[1]] + [const("zero", 0.0), const("six", 6.0)]
-    return make_model(nodes, [("input", ["N", c, 8, 8])], [("y", None)], inits)
 
 
 def _feeds(model: onnx.ModelProto, scale: float = 1.0, seed: int = 3) -> dict[str, np.ndarray]:

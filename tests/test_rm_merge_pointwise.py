@@ -20,10 +20,13 @@ from tests.helpers import (
     expect_refused,
     fuse_model,
     initializer,
+    inverted_block,
     make_model,
     rand,
 )
-from tests.test_remove_residual import PW, RM, inverted_block
+
+RM = "remove-residual"
+PW = "rm-merge-pointwise"
 
 
 def pointwise_pair(cin: int = 16, mid: int = 4, cout: int = 16, strides: tuple[int, int] = (1, 1),

@@ -8,59 +8,20 @@ import onnx
 import pytest
 
 from tests.helpers import (
+    C,
+    G,
     applied_rules,
+    assert_same_outputs,
     bn,
-    const,
-    conv,
     expect_fused,
     expect_refused,
     fuse_model,
     make_model,
-    node,
     op_counts,
     rand,
 )
 
 RULE = "merge-parallel"
-C = 4
-
-
-class G:
-    """A tiny graph under construction: x[N, C, H, W] plus named pieces."""
-
-    def __init__(self, cin: int = C, hw: tuple[int, int] = (9, 7)) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.cin, self.hw, self.seed = cin, hw, 10
-
-    def add(self, piece: tuple) -> None:
-        n, i = piece
-        self.nodes.append(n)
-        self.inits += i
-
-    def conv(self, name: str, x: str, cout: int, k: tuple[int, int] | int, group: int = 1,
-             cin: int | None = None, **attrs: object) -> str:
-        kh, kw = (k, k) if isinstance(k, int) else k
-        cin = cin or self.cin
-        self.seed += 2
-        attrs.setdefault("pads", [kh // 2, kw // 2, kh // 2, kw // 2])
-        self.add(conv(name, x, rand(cout, cin // group, kh, kw, seed=self.seed),
-                      rand(cout, seed=self.seed + 1), out=f"{name}_out", group=group, **attrs))
-        return f"{name}_out"
-
-    def op(self, op: str, inputs: list[str], name: str, **attrs: object) -> str:
-        self.nodes.append(node(op, inputs, [f"{name}_out"], name, **attrs))
-        return f"{name}_out"
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(const(name, value, value.dtype))
-        return name
-
-    def model(self, *outputs: str) -> onnx.ModelProto:
-        return make_model(self.nodes, [("x", ["N", self.cin, *self.hw])],
-                          [(o, None) for o in outputs], self.inits)
-
-
 def repvgg(identity_bn: bool = True, group: int = 1) -> onnx.ModelProto:
     g = G()
     a = g.conv("c3", "x", C, 3, group=group)
@@ -260,3 +221,173 @@ def test_scale_of_shape_c_is_not_per_channel() -> None:
     assert op_counts(result.model)["Mul"] == 1
     assert op_counts(result.model)["Conv"] == 2
     assert result.verified
+
+
+# --- input peeling and size bound (issue 12, holes 1 and 7) ---------------------------------
+
+INT64_MAX = np.iinfo(np.int64).max
+SIZES = [(8, 8), (9, 7), (7, 10), (6, 5), (5, 6)]  # H, W: every parity on both axes
+
+
+def _symbolic(g: G, *outputs: str, opset: int = 18) -> onnx.ModelProto:
+    """g's graph with x[N, C, H, W] symbolic in every dim but channels."""
+    return make_model(g.nodes, [("x", ["N", g.cin, "H", "W"])], [(o, None) for o in outputs],
+                      g.inits, opset=opset)
+
+
+def _same_at_every_size(original: onnx.ModelProto, fused: onnx.ModelProto) -> None:
+    for h, w in SIZES:
+        x = rand(2, C, h, w, seed=h * 31 + w)
+        assert_same_outputs(original, fused, {"x": x})
+
+
+def _border_amounts(border: str) -> tuple[list[int], list[int], list[int], int]:
+    """(Slice starts, ends, axes) cropping one row/column off `border`, and the index of that
+    border in an NCHW pads vector [begins..., ends...]."""
+    axis = 2 if border in ("top", "bottom") else 3
+    if border in ("top", "left"):
+        return [1], [INT64_MAX], [axis], axis
+    return [0], [-1], [axis], 4 + axis
+
+
+@pytest.mark.parametrize("crop_op", ["Slice", "Pad"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("border", ["top", "bottom", "left", "right"])
+def test_crop_then_zero_pad_on_one_border_is_not_absorbed(border: str, stride: int,
+                                                         crop_op: str) -> None:
+    """x -> Slice(crop 1 row) -> Pad(1 zero row, same border) -> Conv3x3 pad 1 is not Conv3x3
+    pad 1 on x: the zero row stands where x's row was. Summed with a Conv3x3 pad 1 on x, the
+    two must not merge (the old peeling added -1 + 1 and merged them). The crop may also be
+    a Pad with a negative amount."""
+    g = G()
+    starts, ends, axes, where = _border_amounts(border)
+    amounts = np.zeros(8, np.int64)
+    if crop_op == "Slice":
+        crop = g.op("Slice", ["x", g.const("st", np.array(starts, np.int64)),
+                              g.const("en", np.array(ends, np.int64)),
+                              g.const("ax", np.array(axes, np.int64))], "crop")
+    else:
+        amounts[where] = -1
+        crop = g.op("Pad", ["x", g.const("neg", amounts.copy())], "crop")
+    amounts[where] = 1
+    padded = g.op("Pad", [crop, g.const("pads", amounts)], "zpad")
+    s = g.op("Add", [g.conv("a", padded, C, 3, strides=[stride, stride]),
+                     g.conv("b", "x", C, 3, strides=[stride, stride])], "s")
+    model = _symbolic(g, s)
+    result = fuse_model(model, rules=[RULE], verify=False)
+    expect_refused(result, RULE, "crop", "zero-pads it again")
+    _same_at_every_size(model, result.model)
+
+
+def test_crop_then_the_convs_own_pad_on_one_border_is_not_absorbed() -> None:
+    """The Conv's own padding is the last pad: Slice(crop top) -> Conv3x3 pads [1,1,1,1]."""
+    g = G()
+    crop = g.op("Slice", ["x", g.const("st", np.array([1], np.int64)),
+                          g.const("en", np.array([INT64_MAX], np.int64)),
+                          g.const("ax", np.array([2], np.int64))], "crop")
+    a = g.conv("a", crop, C, 3, pads=[1, 1, 0, 1])  # crop 1 top, pad 1 top
+    b = g.conv("b", "x", C, 3, pads=[0, 1, 0, 1])
+    s = g.op("Add", [a, b], "s")
+    model = _symbolic(g, s)
+    result = fuse_model(model, rules=[RULE], verify=False)
+    expect_refused(result, RULE, "crop", "a (own pads)")
+    _same_at_every_size(model, result.model)
+
+
+def test_pad_then_crop_and_crops_on_other_borders_are_absorbed() -> None:
+    """Exact compositions still merge: Pad 2 top then crop 1 top (only zeros go) is pad 1;
+    a crop of the top row with a zero row added at the bottom is a shift (the merged kernel
+    is one row taller)."""
+    g = G()
+    pads = np.zeros(8, np.int64)
+    pads[2] = 2
+    padded = g.op("Pad", ["x", g.const("p2", pads)], "pad2")
+    start, end = g.const("st", np.array([1], np.int64)), g.const("en", np.array([INT64_MAX],
+                                                                                 np.int64))
+    ax = g.const("ax", np.array([2], np.int64))
+    cropped = g.op("Slice", [padded, start, end, ax], "crop")
+    a = g.conv("a", cropped, C, 3, pads=[0, 1, 1, 1])  # net top 2 - 1 + 0 = 1
+    b = g.conv("b", "x", C, 3)
+    shifted = g.op("Slice", ["x", start, end, ax], "crop_top")
+    bottom = np.zeros(8, np.int64)
+    bottom[6] = 1
+    shifted = g.op("Pad", [shifted, g.const("pb", bottom)], "pad_bottom")
+    c = g.conv("c", shifted, C, 3, pads=[0, 1, 2, 1])  # x one row down: net top -1, bottom 3
+    s = g.op("Add", [g.op("Add", [a, b], "s1"), c], "s")
+    model = _symbolic(g, s)
+    result = fuse_model(model, rules=[RULE], verify=False)
+    assert op_counts(result.model) == {"Conv": 1}, op_counts(result.model)
+    _same_at_every_size(model, result.model)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_opset10_pad_with_attributes(value: float) -> None:
+    """Pad before opset 11 has `pads` and `value` as attributes and one input: a zero Pad is
+    absorbed like a Pad with a pads input; a nonzero value is not."""
+    g = G()
+    padded = g.op("Pad", ["x"], "pad", mode="constant", pads=[0, 0, 1, 1, 0, 0, 1, 1],
+                  value=value)
+    s = g.op("Add", [g.op("Add", [g.conv("c3", padded, C, 3, pads=[0, 0, 0, 0]),
+                                  g.conv("c1", "x", C, 1)], "s1"), "x"], "s")
+    model = _symbolic(g, s, opset=10)
+    result = fuse_model(model, rules=[RULE], verify=False)
+    if value == 0.0:
+        assert op_counts(result.model) == {"Conv": 1}, op_counts(result.model)
+    else:  # c1 and the identity merge; c3 stays behind its Pad
+        assert "pad (Pad mode=constant) while other branches read x: padding modes differ" in (
+            result.report.applied[0].why)
+        assert op_counts(result.model) == {"Conv": 2, "Pad": 1, "Add": 1}
+    _same_at_every_size(model, result.model)
+
+
+@pytest.mark.parametrize(("shift", "merges"), [(1, True), (4, True), (5, False)])
+def test_size_bound_on_branches_behind_opposite_shifts(shift: int, merges: bool) -> None:
+    """Two 1x1 convs reading x shifted up and down by `shift` rows line up in a merged kernel
+    of 2*shift + 1 rows: merged only while that is at most max(4 * 1, 1 + 8) = 9 taps."""
+    g = G(hw=(12, 7))
+    up, down = np.zeros(8, np.int64), np.zeros(8, np.int64)
+    up[2], up[6] = shift, -shift
+    down[2], down[6] = -shift, shift
+    a = g.conv("a", g.op("Pad", ["x", g.const("up", up)], "pad_up"), C, 1)
+    b = g.conv("b", g.op("Pad", ["x", g.const("down", down)], "pad_down"), C, 1)
+    s = g.op("Add", [a, b], "s")
+    model = g.model(s)
+    result = fuse_model(model, rules=[RULE])
+    assert result.verified
+    if merges:
+        assert op_counts(result.model) == {"Conv": 1}, op_counts(result.model)
+    else:
+        expect_refused(result, RULE, "taps", "more than 9")
+        assert op_counts(result.model) == {"Conv": 2, "Pad": 2, "Add": 1}
+
+
+@pytest.mark.parametrize(("include_pad", "merges"), [(1, True), (0, False)])
+def test_average_pool_branch_is_a_depthwise_conv(include_pad: int, merges: bool) -> None:
+    """A pool branch beside a depthwise conv: AveragePool(3, pad 1) is the depthwise conv
+    1/9 only with count_include_pad=1; otherwise it stays a pool and the conv merges with the
+    identity."""
+    g = G()
+    pool = g.op("AveragePool", ["x"], "pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                count_include_pad=include_pad)
+    s = g.op("Add", [g.op("Add", [g.conv("c3", "x", C, 3, group=C), pool], "s1"), "x"], "s")
+    result = fuse_model(g.model(s), rules=[RULE])
+    if merges:
+        expect_fused(result, {"Conv": 1}, {RULE: 1})
+    else:
+        expect_fused(result, {"Conv": 1, "AveragePool": 1, "Add": 1}, {RULE: 1})
+
+
+def test_average_pools_alone_stay_pools() -> None:
+    g = G()
+    pool = g.op("AveragePool", ["x"], "pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                count_include_pad=1)
+    s = g.op("Add", [pool, "x"], "s")
+    expect_refused(fuse_model(g.model(s), rules=[RULE]), RULE, "no Conv among the branches")
+
+
+def test_size_bound_measures_the_box_of_the_branch_kernels() -> None:
+    """1x5 + 5x1 merge into 5x5: 25 taps, five times the largest branch, but exactly the box
+    the branches span (no offset between them), so the bound does not refuse it."""
+    g = G()
+    s = g.op("Add", [g.conv("hor", "x", C, (1, 5)), g.conv("ver", "x", C, (5, 1))], "s")
+    expect_fused(fuse_model(g.model(s), rules=[RULE]), {"Conv": 1}, {RULE: 1})
