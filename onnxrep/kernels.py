@@ -126,9 +126,9 @@ def fold_input_affine(
 
 def identity_kernel(channels: int, group: int, spatial: int = 2,
                     rows: slice | None = None) -> np.ndarray:
-    """The identity as a 1x1 grouped conv: K[o, o mod (C/g), 0, 0] = 1 (RULES-SPEC §4), or
-    its output channels `rows` only. Embed it into a larger kernel with `embed_kernel` at
-    the offset `align_kernels` gives."""
+    """The identity as a 1x1 grouped conv: K[o, o mod (C/g), 0, 0] = 1 (docs/RULES.md,
+    "Identity as a kernel"), or its output channels `rows` only. Embed it into a larger kernel
+    with `embed_kernel` at the offset `align_kernels` gives."""
     per_group = channels // group
     out = np.arange(channels)[rows if rows is not None else slice(None)]
     k = np.zeros((len(out), per_group) + (1,) * spatial)
@@ -163,8 +163,8 @@ def align_kernels(
     Branch j taps input positions i*s - begin_j + d*t, t in [0, k_j): per axis the merged
     kernel spans from -max(begin_j) to max(-begin_j + d(k_j-1)); branch j sits at offset
     (BEGIN - begin_j)/d, which must be a whole number; and every branch must give the same
-    output size for every input size: begin_j + end_j - d(k_j-1) equal for all j (RULES-SPEC
-    §4). Pads may be negative on input (a Slice crop); the merged pads may not.
+    output size for every input size: begin_j + end_j - d(k_j-1) equal for all j (docs/RULES.md,
+    "Kernel alignment"). Pads may be negative on input (a Slice crop); the merged pads may not.
     Returns (kernel shape, pads [begins..., ends...], offsets per branch) or a reason.
     """
     spatial = len(dilations)
@@ -210,11 +210,11 @@ def fold_input_affine_gemm(
     return (scaled.T if trans_b else scaled), bias
 
 
-# Residual removal (RMNet Reserve-and-Merge, RULES-SPEC §10). A chain of convs is widened so
-# that it also carries the block input x; `main` / `carry` index arrays say where a widened
-# tensor keeps the chain's own channels and the carried copies of x's channels (in x's order).
-# `tap` is the kernel position (pads_begin / dilation per axis) at which output i reads input
-# i*stride: a Dirac there copies the input, subsampled by the stride.
+# Residual removal (RMNet Reserve-and-Merge; docs/RULES.md, remove-residual). A chain of convs
+# is widened so that it also carries the block input x; `main` / `carry` index arrays say where
+# a widened tensor keeps the chain's own channels and the carried copies of x's channels (in
+# x's order). `tap` is the kernel position (pads_begin / dilation per axis) at which output i
+# reads input i*stride: a Dirac there copies the input, subsampled by the stride.
 
 
 def dirac_kernel(channels: int, kernel: tuple[int, ...], tap: tuple[int, ...]) -> np.ndarray:
@@ -284,7 +284,7 @@ def widen_last_conv(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The group-1 conv that ends the chain, summed with the shortcut: conv_n(h) + x becomes
     [W_n | Dirac] on [h | x]; conv_n(h) + conv1x1(x) becomes [W_n | embed(W_down)], bias
-    b_n + b_down (the 1x1 shortcut's stride equals the chain's, RULES-SPEC §10)."""
+    b_n + b_down (the 1x1 shortcut's stride equals the chain's; docs/RULES.md, remove-residual)."""
     w = f64(weight)
     out_c = w.shape[0]
     w_new = np.zeros((out_c, len(main) + len(carry)) + w.shape[2:])
@@ -304,7 +304,8 @@ def carried_bounds(
     width: int, main: np.ndarray, low: float, high: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, high) for Min(Max(t, low), high): Clip(low, high) on the chain's own
-    channels, (-inf, +inf) on the carried ones, which pass unchanged (RULES-SPEC §10)."""
+    channels, (-inf, +inf) on the carried ones, which pass unchanged (docs/RULES.md,
+    remove-residual)."""
     lo = np.full(width, -np.inf)
     hi = np.full(width, np.inf)
     lo[main], hi[main] = low, high
@@ -343,7 +344,8 @@ def full_to_grouped(full: np.ndarray, group: int) -> np.ndarray | None:
 def compose_convs(
     w1: np.ndarray, b1: np.ndarray, g1: int, w2: np.ndarray, b2: np.ndarray, g2: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """conv2(conv1(x)) as one conv when one of the two is 1x1 (RULES-SPEC §6):
+    """conv2(conv1(x)) as one conv when one of the two is 1x1 (docs/RULES.md,
+    merge-sequential):
     K[o, i] = sum_d W2[o, d] * W1[d, i] (the 1x1 factor is a matrix), b = b2 + sum W2 * b1.
     The result keeps the coarser group structure when one grouping refines the other."""
     f1, f2 = grouped_to_full(w1, g1), grouped_to_full(w2, g2)
