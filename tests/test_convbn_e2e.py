@@ -14,10 +14,11 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from tests.helpers import cli, dims, op_counts
 
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 
 FORMS = ("ts-folded", "ts-unfolded", "dynamo", "dynamo-noopt")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "BatchNormalization")

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 import onnxrep
+from models import registry
 from tests.helpers import cli, export_families
 
-pytest.importorskip("torch")
-registry = pytest.importorskip("models.registry")
-pytest.importorskip("models.export")
+pytestmark = pytest.mark.torch
 
 FAMILIES = ["dbb", "dbb_dense", "orepa", "orepa_ts"]
 CASES = [(name, form) for name in FAMILIES for form in registry.FAMILIES[name].forms]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import onnxrep
+from models import registry
 from tests.helpers import cli, export_families
 
-torch = pytest.importorskip("torch")
-registry = pytest.importorskip("models.registry")
+pytestmark = pytest.mark.torch
 pytest.importorskip("models.export")
 
 FAMILIES = ["repvgg", "acnet", "mobileone", "mobileone_se", "csla", "qarepvgg", "repvit",

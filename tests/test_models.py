@@ -14,6 +14,8 @@ from models.export import FORMS, batch_is_dynamic, export, export_forms
 from models.make_examples import EXAMPLES, EXAMPLES_DIR, MAX_BYTES
 from models.registry import FAMILIES, Family
 
+pytestmark = pytest.mark.torch
+
 RTOL = 1e-5
 
 CASES = [(name, form) for name, fam in FAMILIES.items() for form in fam.forms]

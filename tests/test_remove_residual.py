@@ -354,8 +354,6 @@ def test_report_shows_macs_when_removing_residuals() -> None:
 
 # --- torch exports end to end -----------------------------------------------------------
 
-torch = pytest.importorskip("torch")
-
 E2E_FORMS = ("ts-folded", "ts-unfolded", "dynamo")
 E2E_MODELS = ("resnet18", "resnet50", "mobilenetv2", "preact_resnet")
 COMPUTE_OPS = ("Conv", "Relu", "Clip", "Max", "Min", "Add", "MaxPool", "Gemm",
@@ -390,6 +388,7 @@ def _fuse_cli(src: Path, tmp_path: Path) -> tuple[dict, onnx.ModelProto]:
     return json.loads(report_path.read_text()), onnx.load(str(out))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("form", E2E_FORMS)
 @pytest.mark.parametrize("name", ("resnet18", "resnet50", "mobilenetv2"))
 def test_export_loses_every_residual(name: str, form: str, exports: dict,
@@ -411,6 +410,7 @@ def test_export_loses_every_residual(name: str, form: str, exports: dict,
         assert report["macs"]["after"] == macs(plain, {"input": [2, 3, 64, 64]})
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("form", E2E_FORMS)
 def test_preact_resnet_identity_blocks_refused(form: str, exports: dict,
                                               tmp_path: Path) -> None:
