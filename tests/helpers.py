@@ -165,11 +165,10 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    """onnxrep's own session builder: CPU, graph optimizations off."""
+    from onnxrep.verify import session as ort_session
+
+    return ort_session(model)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ import torch
 from models.export import FORMS, batch_is_dynamic, export, export_forms
 from models.make_examples import EXAMPLES, EXAMPLES_DIR, MAX_BYTES
 from models.registry import FAMILIES, Family
+from onnxrep.verify import session
 
 pytestmark = pytest.mark.torch
 
@@ -26,11 +27,7 @@ def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, threads=1)
 
 
 _TRAIN_CACHE: dict[str, torch.nn.Module] = {}

@@ -315,6 +315,16 @@ def _find_t(u: gs.Tensor) -> gs.Tensor | None:
     return t
 
 
+def _conv_stage(conv: gs.Node) -> tuple[np.ndarray, np.ndarray, dict] | Refusal:
+    """A Conv as (weight, float64 bias or zeros, attributes), the form pool_as_depthwise gives
+    an AveragePool in."""
+    refusal = conv_params(conv)
+    if refusal:
+        return refusal
+    weight, bias = conv_weight_bias(conv)
+    return weight, kernels.bias_or_zeros(bias, weight.shape[0]), conv_attrs(conv)
+
+
 class MergeSequentialConvs:
     id = "merge-sequential"
     summary = "Conv1x1 -> [bias border fill] -> ConvKxK/AveragePool, and ConvKxK -> Conv1x1"
@@ -340,24 +350,15 @@ class MergeSequentialConvs:
 
     def check(self, graph: gs.Graph, m: SequentialMatch) -> SequentialPlan | Refusal:
         first, second = m.first, m.second
-        refusal = conv_params(first)
-        if refusal:
-            return refusal
-        w1, b1 = conv_weight_bias(first)
-        b1 = kernels.bias_or_zeros(b1, w1.shape[0])
-        a1 = conv_attrs(first)
-        if second.op == "Conv":
-            refusal = conv_params(second)
-            if refusal:
-                return refusal
-            w2, b2 = conv_weight_bias(second)
-            b2 = kernels.bias_or_zeros(b2, w2.shape[0])
-            a2 = conv_attrs(second)
-        else:
-            pool = pool_as_depthwise(second, w1.shape[0])
-            if isinstance(pool, Refusal):
-                return pool
-            w2, b2, a2 = pool
+        stage1 = _conv_stage(first)
+        if isinstance(stage1, Refusal):
+            return stage1
+        w1, b1, a1 = stage1
+        stage2 = (_conv_stage(second) if second.op == "Conv"
+                  else pool_as_depthwise(second, w1.shape[0]))
+        if isinstance(stage2, Refusal):
+            return stage2
+        w2, b2, a2 = stage2
         if w1.ndim != w2.ndim:
             return Refusal(f"{first.name} is {w1.ndim - 2}-D, {second.name} is "
                            f"{w2.ndim - 2}-D")
