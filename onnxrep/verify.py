@@ -281,15 +281,6 @@ def compare_outputs(
     return diffs
 
 
-def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], which: str,
-         names: list[str] | None = None) -> list:
-    try:
-        return sess.run(names, feeds)
-    except Exception as exc:  # noqa: BLE001 - one line for users
-        raise OnnxrepError(f"onnxruntime failed to run the {which} model: {first_line(exc)}"
-                           ) from exc
-
-
 def _structure(model: ModelRef) -> onnx.ModelProto:
     """The model's graph without the bytes of its large weights."""
     if isinstance(model, SplitModel):
@@ -418,7 +409,12 @@ def verify(
     for k, (dims, regime) in enumerate(plan):
         feeds = random_inputs(ref_sess, dims, seed + k, regime)
         if k == 0:  # the shape asked for: the input model must run there
-            ref_out = _run(ref_sess, feeds, "input", all_names)
+            try:
+                ref_out = ref_sess.run(all_names, feeds)
+            except Exception as exc:  # noqa: BLE001 - one line for users, and the way out
+                raise OnnxrepError(
+                    f"the input model does not run at {_shapes_text(dims)} (give sizes it "
+                    f"admits with --input-shape NAME:D1,D2,...): {first_line(exc)}") from exc
         else:
             try:
                 ref_out = ref_sess.run(all_names, feeds)

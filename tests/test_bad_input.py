@@ -16,6 +16,7 @@ from tests.helpers import (
     bn,
     chain,
     cli,
+    const,
     conv,
     make_model,
     node,
@@ -210,6 +211,21 @@ def test_an_unwritable_report_folder_is_refused_before_the_model_is_written(
     locked.mkdir()
     locked.chmod(0o555)
     expect_bad(path, dst, "--report", str(locked / "r.json"), words=("cannot write the report",))
+
+
+def test_a_model_that_does_not_run_at_the_default_size_says_how_to_give_one(
+        folders: tuple[Path, Path]) -> None:
+    """Symbolic dims default to 1; a Reshape to [5, -1] does not admit batch 1: one line that
+    names the shape tried and --input-shape (onnxruntime's own log lines stay silent)."""
+    src, dst = folders
+    path = src / "model.onnx"
+    nodes = [node("Relu", ["x"], ["r"], "relu"), node("Reshape", ["r", "shape"], ["y"], "rs")]
+    onnx.save(make_model(nodes, [("x", ["N", 3, 4, 4])], [("y", None)],
+                         [const("shape", np.array([5, -1]), np.int64)]), str(path))
+    line = expect_bad(path, dst, words=("x[1, 3, 4, 4]", "--input-shape"))
+    assert line.startswith("onnxrep: error: the input model does not run at x[1, 3, 4, 4]")
+    proc = cli("fuse", path, dst / "out.onnx", "--input-shape", "x:5,3,4,4", "-q")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_bad_input_shape_spec(folders: tuple[Path, Path]) -> None:
