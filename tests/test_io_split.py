@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import bn, chain, const, conv, make_model, node, rand, run
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxrep import folding, io, kernels
 from onnxrep import graph as graph_mod
-from onnxrep import io, kernels
 from onnxrep.api import fuse
 from onnxrep.io import save as io_save
+from tests.helpers import bn, chain, const, conv, make_model, node, rand, run
 
 
 def conv_bn_model() -> onnx.ModelProto:
@@ -202,7 +202,7 @@ def test_shape_of_a_weight_folds_to_its_dims(start: int | None, end: int | None,
                        [("x", [len(want)])], [("z", [len(want)])], [const("w", rand(16, 8, 3, 3))],
                        opset=18)
     graph = gs.import_onnx(model)
-    graph_mod.fold_shapes_of_weights(graph)
+    folding.fold_shapes_of_weights(graph)
     graph.cleanup()
     assert [n.op for n in graph.nodes] == ["Cast", "Add"]
     assert graph.nodes[0].inputs[0].values.tolist() == want
