@@ -222,6 +222,14 @@ class Report:
         counts = self.rule_counts
         applied = ", ".join(f"{r} x{n}" for r, n in counts.items()) or "none"
         lines.append(f"rules applied: {applied}")
+        if self.applied:
+            unchecked = [a for a in self.applied if not a.checked.startswith("checked")]
+            lines.append(f"local checks: {len(self.applied) - len(unchecked)} of "
+                         f"{len(self.applied)} rewrites checked against the block they replace"
+                         + (f"; unchecked: {len(unchecked)} (--explain lists them)"
+                            if unchecked and not explain else ""))
+            if explain:
+                lines += [f"  {a.rule} ({', '.join(a.added)}): {a.checked}" for a in unchecked]
         lines.append(self._render_verification())
         if explain:
             lines.append(f"near misses: {len(self.misses)}")
