@@ -14,7 +14,8 @@ is only claimed equal on the inputs it can receive.
 Sizes: a boundary dimension that is static in the graph keeps its value; a symbolic (or
 unknown) one is free: batch (axis 0) takes 1 and 2, spatial axes (2 and up of a rank >= 3
 tensor) take sizes of both parities (stride-2 alignment differs with the parity), the same
-value for the same axis on every boundary input. A size at which the *removed* block does not
+value for the same axis on every boundary input - and first, where one input's static dims
+fix a size another leaves free, that size. A size at which the *removed* block does not
 run is not one the model admits there: it is skipped. When no size runs, or the block cannot
 be cut out (a subgraph attribute, a non-float or unknown-rank input, a custom domain), the
 rewrite is applied unchecked and the report says why; the whole-model verification still runs.
@@ -155,6 +156,28 @@ def _with_attrs(protos: list[onnx.NodeProto], nodes: list[gs.Node]) -> list[onnx
     return protos
 
 
+def _sizes(inputs: list[gs.Variable]) -> list[tuple[int, tuple[int, ...]]]:
+    """The (batch, spatial sizes) to try: `_SIZES`, and first - when some boundary input fixes
+    a batch or spatial size that another leaves free (shape inference lost the link, e.g.
+    behind an Expand) - the sizes the static dims say, for every input."""
+    batch, spatial = None, {}
+    for t in inputs:
+        for axis, d in enumerate(t.shape or []):
+            if isinstance(d, int) and d > 0:
+                if axis == 0:
+                    batch = batch or int(d)
+                elif len(t.shape) >= 3 and axis >= 2:
+                    spatial.setdefault(axis - 2, int(d))
+    sizes = list(_SIZES)
+    if batch is not None or spatial:
+        default = _SIZES[0][1]
+        rank = max(spatial, default=len(default) - 1) + 1
+        anchored = (batch or 1, tuple(spatial.get(a, default[a] if a < len(default) else 8)
+                                      for a in range(max(rank, len(default)))))
+        sizes.insert(0, anchored)
+    return sizes
+
+
 def _concrete(t: gs.Variable, batch: int, spatial: tuple[int, ...]) -> list[int]:
     if t.shape is None:
         raise Unchecked(f"the shape of {t.name} is unknown")
@@ -183,7 +206,7 @@ def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalChec
         after_nodes = block.after()
         symbolic = {t.name: list(t.shape) if t.shape is not None else None for t in block.inputs}
         plans = []
-        for batch, spatial in _SIZES:
+        for batch, spatial in _sizes(block.inputs):
             dims = {t.name: _concrete(t, batch, spatial) for t in block.inputs}
             if any(dims == p for p, _ in plans):
                 continue
