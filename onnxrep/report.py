@@ -248,7 +248,8 @@ class Report:
         by_shape: dict[str, list[str]] = {}
         for run in v.runs:
             shapes = ", ".join(f"{k}{d}" for k, d in run.input_shapes.items())
-            by_shape.setdefault(shapes, []).append(run.regime + ("" if run.passed else " FAIL"))
+            failure = "" if run.passed else " FAIL" + (f": {run.error}" if run.error else "")
+            by_shape.setdefault(shapes, []).append(run.regime + failure)
         rows = [f"  inputs {shapes}: {', '.join(regimes)}" for shapes, regimes in by_shape.items()]
         rows += [f"  skipped {text}" for text in v.skipped]
         rows += [f"  {name}: {why}" for name, why in v.substituted.items()]
