@@ -165,3 +165,13 @@ def test_a_wrong_fusion_before_an_argmax_is_still_caught() -> None:
     wrong[5] += 0.01
     bias.CopyFrom(onnx.numpy_helper.from_array(wrong, "conv.b"))
     assert not verify(ref, fused).passed
+
+
+def test_a_fused_model_that_fails_where_the_input_runs_fails_verification() -> None:
+    """The input admits 1x1 images (pads 1); a candidate that pads nothing does not run there:
+    a failed verification naming why, not bad input."""
+    ref = _strided([1, 1, 1, 1])
+    cand = _strided([0, 0, 0, 0])
+    result = verify(ref, cand, input_shapes={"x": [1, 3, 1, 1]})
+    assert not result.passed
+    assert result.runs[0].error.startswith("the fused model does not run where the input does")
