@@ -5,7 +5,7 @@ ONNXREP ?= $(PYTHON) -m onnxrep.cli
 EXAMPLE := models/examples/repvgg_tiny.onnx
 LINTED := onnxrep tests models bench
 
-.PHONY: install demo test-deps test lint bench clean
+.PHONY: install demo test-deps test lint fuzz bench clean
 
 install:
 	$(PIP) install -e .
@@ -26,6 +26,18 @@ test: test-deps
 
 lint:
 	$(PYTHON) -m ruff check $(LINTED)
+
+# Property-based fuzzing (tests/test_fuzz.py): FUZZ_EXAMPLES random multi-branch blocks, each
+# fused and compared with the input; every mismatch is counted and saved under .fuzz/, the
+# summary ("fuzz: N graphs, M mismatches") printed and written to .fuzz/summary.txt.
+# FUZZ_SEED=<int> draws other graphs than the default (derandomized) ones.
+FUZZ_EXAMPLES ?= 10000
+FUZZ_SEED ?=
+fuzz:
+	rm -rf .fuzz/mismatches .fuzz/summary.txt
+	ONNXREP_FUZZ_MODE=campaign ONNXREP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ONNXREP_FUZZ_SEED=$(FUZZ_SEED) \
+		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz.py -k campaign; \
+		status=$$?; cat .fuzz/summary.txt 2>/dev/null; exit $$status
 
 # Benchmarks: latency of every models/ family (train / fused / plain) and conversion cost
 # against onnx load+save and onnxslim; writes bench/results.md and the README section.
