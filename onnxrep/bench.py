@@ -37,8 +37,8 @@ def compare_latency(a: ModelRef, b: ModelRef, threads: int = 1, runs: int = 50,
                     warmup: int = 5, input_shapes: dict[str, list[int]] | None = None,
                     seed: int = 0) -> Timing:
     """Median latency (ms) of `a` and `b` on the same inputs, runs alternating."""
-    sess_a = session(a, threads=threads, optimize=True)
-    sess_b = session(b, threads=threads, optimize=True)
+    sess_a = session(a, threads=threads, optimize=True, spin=True)
+    sess_b = session(b, threads=threads, optimize=True, spin=True)
     feeds = random_inputs(sess_a, input_shapes, seed)
     for _ in range(warmup):
         sess_a.run(None, feeds)

@@ -11,8 +11,12 @@ Values: a boundary input the rule proved non-negative upstream (the precondition
 removal, `Replacement.nonnegative_inputs`) gets the absolute values of each regime: the block
 is only claimed equal on the inputs it can receive.
 
-Sizes: a boundary dimension that is static in the graph keeps its value; a symbolic (or
-unknown) one is free: batch (axis 0) takes 1 and 2, spatial axes (2 and up of a rank >= 3
+Sizes: a block made only of ops that compute the same map at every size (convolutions with
+explicit pads, BatchNormalization, element-wise arithmetic, pools, Gemm/MatMul, channel
+Concat) is checked at small sizes whatever sizes the model fixes: its border cases and both
+parities occur there, and a 224x224 layer would cost a full-size run per regime. Otherwise a
+boundary dimension that is static in the graph keeps its value; a symbolic (or unknown) one
+is free: batch (axis 0) takes 1 and 2, spatial axes (2 and up of a rank >= 3
 tensor) take sizes of both parities (stride-2 alignment differs with the parity), the same
 value for the same axis on every boundary input - and first, where one input's static dims
 fix a size another leaves free, that size. A size at which the *removed* block does not
@@ -35,12 +39,19 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxrep.errors import first_line
+from onnxrep.graph import shape_probe
+from onnxrep.io import payload_bytes
+from onnxrep.query import attr_str
 from onnxrep.rule import NewNode, NewValue, NewWeight, Replacement
 from onnxrep.verify import REGIMES, compare_outputs, session
 
+_LIGHT_BYTES = 4096  # shape inference reads the dims of weights larger than this, not bytes
 # (batch, spatial size per spatial axis): odd and even sizes, batch 1 and 2
 _SIZES = ((1, (9, 8)), (2, (12, 13)), (1, (17, 16)))
 _MAX_ELEMENTS = 1 << 22  # a boundary input larger than this (static sizes): one regime only
+# a block whose new weights hold more than this many values (a 2560-channel 3x3 conv: 59M)
+# runs at the first two sizes only, which already cover both parities and batch 2
+_HEAVY_WEIGHTS = 1 << 20
 
 
 class Unchecked(Exception):
@@ -178,21 +189,42 @@ def _sizes(inputs: list[gs.Variable]) -> list[tuple[int, tuple[int, ...]]]:
     return sizes
 
 
-def _concrete(t: gs.Variable, batch: int, spatial: tuple[int, ...]) -> list[int]:
+def _concrete(t: gs.Variable, batch: int, spatial: tuple[int, ...],
+              free: bool = False) -> list[int]:
+    """`t`'s dims at (batch, spatial): static dims kept - unless `free` (a size-agnostic
+    block), where only the channel / feature dims are."""
     if t.shape is None:
         raise Unchecked(f"the shape of {t.name} is unknown")
     rank = len(t.shape)
     dims = []
     for axis, d in enumerate(t.shape):
-        if isinstance(d, int) and d > 0:
+        spatial_axis = rank >= 3 and axis >= 2 and axis - 2 < len(spatial)
+        if isinstance(d, int) and d > 0 and not (free and (axis == 0 or spatial_axis)):
             dims.append(int(d))
         elif axis == 0:
             dims.append(batch)
-        elif rank >= 3 and axis >= 2 and axis - 2 < len(spatial):
+        elif spatial_axis:
             dims.append(spatial[axis - 2])
         else:
             raise Unchecked(f"{t.name} has a free dimension at axis {axis}")
     return dims
+
+
+# Ops that compute the same map at every batch and spatial size (per position, per channel,
+# or a sliding window with explicit pads): a block of these alone is checked at small sizes
+# even where the model fixes a large one - the border cases and both parities occur there,
+# and the interior is the interior.
+_SIZE_AGNOSTIC = frozenset({
+    "Conv", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Max", "Min",
+    "Sigmoid", "AveragePool", "MaxPool", "Gemm", "MatMul", "Identity",
+})
+
+
+def _size_agnostic(node: gs.Node | NewNode) -> bool:
+    if attr_str(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return False  # SAME_* pads depend on the size
+    return node.op in _SIZE_AGNOSTIC or (
+        node.op == "Concat" and int(node.attrs.get("axis", 0)) in (1, -3))
 
 
 def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalCheck:
@@ -206,16 +238,26 @@ def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalChec
         after_nodes = block.after()
         symbolic = {t.name: list(t.shape) if t.shape is not None else None for t in block.inputs}
         plans = []
-        for batch, spatial in _sizes(block.inputs):
-            dims = {t.name: _concrete(t, batch, spatial) for t in block.inputs}
+        free = all(_size_agnostic(n) for n in [*replacement.removes, *replacement.nodes])
+        heavy = sum(np.asarray(w.values).size for n in replacement.nodes for w in n.inputs
+                    if isinstance(w, NewWeight)) > _HEAVY_WEIGHTS
+        candidates = _SIZES if free else _sizes(block.inputs)
+        for batch, spatial in candidates[:2] if heavy else candidates:
+            dims = {t.name: _concrete(t, batch, spatial, free) for t in block.inputs}
             if any(dims == p for p, _ in plans):
                 continue
             big = any(int(np.prod(d)) > _MAX_ELEMENTS for d in dims.values())
-            plans.append((dims, REGIMES[:1] if big else REGIMES))
-        before = session(block.model(before_nodes, [], symbolic))
-        after_model = block.model(after_nodes, block.weights, symbolic)
-        after = session(after_model)
-        shapes = _new_value_shapes(block, after_model)
+            # every value regime at the first size, standard normal at the others (as the
+            # whole-model verification does)
+            plans.append((dims, REGIMES if not plans and not big else REGIMES[:1]))
+        # the sessions declare the dims they will be fed at as free; shape inference for the
+        # new values keeps the graph's own dims
+        declared = {name: [None if free and (axis == 0 or (len(d) >= 3 and axis >= 2)) else x
+                           for axis, x in enumerate(d)] if d is not None else None
+                    for name, d in symbolic.items()}
+        before = session(block.model(before_nodes, [], declared))
+        after = session(block.model(after_nodes, block.weights, declared))
+        shapes = _new_value_shapes(block, block.model(after_nodes, block.weights, symbolic))
     except Unchecked as exc:
         return LocalCheck(True, 0, f"not checked: {exc}")
     except Exception as exc:  # noqa: BLE001 - a block onnxruntime will not load as cut out
@@ -259,7 +301,8 @@ def _new_value_shapes(block: _Block, model: onnx.ModelProto) -> dict[int, list]:
     """onnx shape inference on the replacement block (symbolic boundary dims): the dims of
     each NewValue it computes."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(
+            shape_probe(model, lambda t: (payload_bytes(t) or 0) > _LIGHT_BYTES))
     except Exception:  # noqa: BLE001 - shapes are an aid to later checks, never required
         return {}
     found = {}

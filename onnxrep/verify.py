@@ -116,9 +116,15 @@ class Verification:
 ModelRef = onnx.ModelProto | SplitModel | str | os.PathLike
 
 
-def session(model: ModelRef, threads: int = 0, optimize: bool = False) -> ort.InferenceSession:
-    """An onnxruntime CPU session; in-memory models past 2 GB go through a temp file."""
+def session(model: ModelRef, threads: int = 0, optimize: bool = False,
+            spin: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session; in-memory models past 2 GB go through a temp file.
+    Its threads do not spin-wait between runs unless `spin` (latency benchmarks): spinning
+    pools of many small sessions starve the numpy work between their runs on a small machine."""
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
