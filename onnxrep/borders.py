@@ -180,6 +180,25 @@ def _step_amounts(node: gs.Node, spatial: int) -> list[int] | None:
     return None
 
 
+def _empties(source: gs.Tensor, net: list[int]) -> bool:
+    """Whether the chain's data cut (a negative net pad) could exceed the source on some input
+    size the model admits: a crop of c is a pad of -c only while the input has at least c
+    rows - on a smaller one a Slice clamps to an empty tensor (not to -k rows), which the Conv
+    may pad back and a broadcasting Add accept, where the merged conv computes something else.
+    Every size is at least 1, so a cut of 1 is always safe; a larger one needs a static size
+    at least as large."""
+    spatial = len(net) // 2
+    shape = source.shape
+    for axis in range(spatial):
+        cut = max(0, -net[axis]) + max(0, -net[axis + spatial])
+        if cut <= 1:
+            continue
+        dim = shape[axis + 2] if shape is not None and len(shape) == spatial + 2 else None
+        if not isinstance(dim, int) or dim < cut:
+            return True
+    return False
+
+
 def peel_input(graph: gs.Graph, conv: gs.Node, pads: list[int]) -> Peeled:
     """Follow `conv`'s input up through zero Pads and spatial crops, each read by the next
     node alone, and absorb the longest chain that is one pad together with the Conv's own
@@ -202,6 +221,8 @@ def peel_input(graph: gs.Graph, conv: gs.Node, pads: list[int]) -> Peeled:
         if isinstance(net, Clash):
             continue
         source = chain[n - 1][0].inputs[0] if n else conv.inputs[0]
+        if n and _empties(source, net):
+            continue
         peeled = Peeled(source, [node for node, _ in chain[:n]], net)
         if isinstance(full, Clash):
             names = [node.name for node, _ in reversed(chain)] + [f"{conv.name} (own pads)"]

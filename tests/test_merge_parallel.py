@@ -391,3 +391,23 @@ def test_size_bound_measures_the_box_of_the_branch_kernels() -> None:
     g = G()
     s = g.op("Add", [g.conv("hor", "x", C, (1, 5)), g.conv("ver", "x", C, (5, 1))], "s")
     expect_fused(fuse_model(g.model(s), rules=[RULE]), {"Conv": 1}, {RULE: 1})
+
+
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static-width", "symbolic-width"])
+def test_a_crop_of_two_is_a_negative_pad_only_where_the_width_is_known(symbolic: bool) -> None:
+    """y = x + Conv1x1(Slice(x, crop 2 at the right), pads left 2): a shift. With W fixed (7)
+    it is one Conv; with W symbolic, W = 1 is admitted (the Slice empties, Add broadcasts) and
+    the merged conv would differ there: refused, and the model stays equal at W = 1."""
+    g = G()
+    cropped = g.op("Slice", ["x", g.const("st", np.array([0], np.int64)),
+                             g.const("en", np.array([-2], np.int64)),
+                             g.const("ax", np.array([3], np.int64))], "crop")
+    a = g.conv("a", cropped, C, 1, pads=[0, 2, 0, 0])
+    s = g.op("Add", ["x", a], "s")
+    model = _symbolic(g, s) if symbolic else g.model(s)
+    result = fuse_model(model, rules=[RULE])
+    if symbolic:
+        assert applied_rules(result)[RULE] == 0
+        assert_same_outputs(model, result.model, {"x": rand(1, C, 3, 1, seed=2)})
+    else:
+        assert op_counts(result.model) == {"Conv": 1}, op_counts(result.model)
