@@ -43,7 +43,7 @@ from onnxrep.graph import shape_probe
 from onnxrep.io import payload_bytes
 from onnxrep.query import attr_str
 from onnxrep.rule import NewNode, NewValue, NewWeight, Replacement
-from onnxrep.verify import REGIMES, compare_outputs, session
+from onnxrep.verify import REGIMES, compare_outputs, regime_scale, session
 
 _LIGHT_BYTES = 4096  # shape inference reads the dims of weights larger than this, not bytes
 # (batch, spatial size per spatial axis): odd and even sizes, batch 1 and 2
@@ -284,7 +284,8 @@ def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalChec
                 return LocalCheck(False, runs, f"the replacement fails at "
                                   f"{_text(dims)} where the block runs: {first_line(exc)}")
             runs += 1
-            for diff in compare_outputs(names, ref, new):
+            scale = max([regime_scale(regime, f.dtype) for f in feeds.values()], default=1.0)
+            for diff in compare_outputs(names, ref, new, atol_scale=scale):
                 if not diff.passed:
                     return LocalCheck(False, runs, f"{diff.name} differs at {_text(dims)}, "
                                       f"{regime} inputs: rel L2 {diff.rel_l2:.3g}, max|err| "
