@@ -150,8 +150,8 @@ def fold_shapes_of_weights(graph: gs.Graph) -> bool:
 
 def fold_static_shapes(graph: gs.Graph) -> bool:
     """Shape arithmetic on static dims, of weights and of computed tensors alike (their shapes
-    inferred from the graph inputs alone, see `trusted_output_shapes`); onnx-graphsurgeon's own
-    shape folding ignores Shape's start/end and is not used."""
+    inferred from the graph inputs alone, see `graph.use_inferred_output_shapes`);
+    onnx-graphsurgeon's own shape folding ignores Shape's start/end and is not used."""
     return _fold_shapes(graph, lambda t: True)
 
 

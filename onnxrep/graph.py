@@ -14,9 +14,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -206,20 +205,23 @@ def declare_inputs(model: onnx.ModelProto, declared: dict[str, onnx.ValueInfoPro
             info.CopyFrom(declared[info.name])
 
 
-@contextlib.contextmanager
-def trusted_output_shapes(graph: gs.Graph, shapes: dict[str, Dims]) -> Iterator[None]:
-    """While normalizing, the graph outputs carry the shapes inferred from the graph inputs
-    (None where unknown), not their declarations; afterwards the declarations come back."""
-    declared = [(t, t.shape) for t in graph.outputs if isinstance(t, gs.Variable)
-                and not isinstance(t, OverridableInput) and not is_graph_input(graph, t)]
-    for tensor, _ in declared:
-        tensor.shape = shapes.get(tensor.name)
-    try:
-        yield
-    finally:
-        for tensor, shape in declared:
-            if isinstance(tensor, gs.Variable):
-                tensor.shape = shape
+def use_inferred_output_shapes(graph: gs.Graph, shapes: dict[str, Dims]) -> None:
+    """From normalize until export, the graph outputs carry the shapes inferred from the graph
+    inputs (None where unknown), not their declarations: a model may declare a static shape
+    where the tensor follows a dynamic input, and neither folding nor a rule may trust it.
+    Each keeps its declaration in `declared_shape` for `restore_declared_output_shapes`."""
+    for tensor in graph.outputs:
+        if (isinstance(tensor, gs.Variable) and not isinstance(tensor, OverridableInput)
+                and not is_graph_input(graph, tensor)):
+            tensor.declared_shape = tensor.shape
+            tensor.shape = shapes.get(tensor.name)
+
+
+def restore_declared_output_shapes(graph: gs.Graph) -> None:
+    """Give the graph outputs their declared shapes back, for export."""
+    for tensor in graph.outputs:
+        if isinstance(tensor, gs.Variable) and hasattr(tensor, "declared_shape"):
+            tensor.shape = tensor.declared_shape
 
 
 def _widens(const_shape: tuple[int, ...], other: gs.Tensor) -> bool:
@@ -287,9 +289,9 @@ def normalize(model: onnx.ModelProto, base_dir: Path | None = None) -> gs.Graph:
     load_weights(graph, base_dir)
     keep_overridable_inputs(graph, model, base_dir)
     unique_node_names(graph)
-    with trusted_output_shapes(graph, output_shapes):
-        fold_constants(graph)
-        remove_noops(graph)
+    use_inferred_output_shapes(graph, output_shapes)
+    fold_constants(graph)
+    remove_noops(graph)
     unique_node_names(graph)
     return graph
 
@@ -380,6 +382,7 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
     dropped and inferred again: rewrites leave stale value_info.
     """
     declared = restore_overridable_inputs(graph)
+    restore_declared_output_shapes(graph)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and not any(
             tensor is t for t in graph.inputs + graph.outputs

@@ -13,6 +13,7 @@ from tests.helpers import (
     applied_rules,
     assert_same_outputs,
     bn,
+    dims,
     expect_fused,
     expect_refused,
     fuse_model,
@@ -411,3 +412,24 @@ def test_a_crop_of_two_is_a_negative_pad_only_where_the_width_is_known(symbolic:
         assert_same_outputs(model, result.model, {"x": rand(1, C, 3, 1, seed=2)})
     else:
         assert op_counts(result.model) == {"Conv": 1}, op_counts(result.model)
+
+
+def test_a_declared_static_output_shape_does_not_reach_the_rules() -> None:
+    """r = Relu(x) is a graph output declared [1, C, 5, 7] while x's H, W are symbolic; a
+    branch crops 2 columns off r. Trusting the declaration, merge-parallel would take the crop
+    for a pad of -2 (W = 7 >= 2), wrong at W = 1, which the model admits (the Slice empties,
+    the Add broadcasts). The rules see the shapes inferred from the inputs; the output keeps
+    its declaration."""
+    g = G()
+    r = g.op("Relu", ["x"], "r")
+    cropped = g.op("Slice", [r, g.const("st", np.array([0], np.int64)),
+                             g.const("en", np.array([-2], np.int64)),
+                             g.const("ax", np.array([3], np.int64))], "crop")
+    a = g.conv("a", cropped, C, 1, pads=[0, 2, 0, 0])
+    s = g.op("Add", [r, a], "s")
+    model = make_model(g.nodes, [("x", ["N", C, "H", "W"])],
+                       [(s, None), (r, [1, C, 5, 7])], g.inits)
+    result = fuse_model(model, rules=[RULE])
+    assert applied_rules(result)[RULE] == 0
+    assert_same_outputs(model, result.model, {"x": rand(1, C, 3, 1, seed=2)})
+    assert dims(result.model.graph.output[1]) == [1, C, 5, 7]
