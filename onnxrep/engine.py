@@ -35,7 +35,6 @@ from onnxrep.rule import (
     Applied,
     Match,
     Miss,
-    NewNode,
     NewValue,
     NewWeight,
     Refusal,
@@ -225,9 +224,9 @@ class _Refused:
 
 @dataclass
 class _Accepted:
-    match: Match
     replacement: Replacement
     checked: str  # what the local check did, or why it did not run
+    shapes: dict[int, list]  # the local check's inferred dims of the new values (id -> dims)
 
 
 def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node, check_locally: bool
@@ -247,14 +246,13 @@ def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node, check_locally: bool
     except InvalidReplacement as exc:
         return _Refused(match, Refusal(str(exc)))
     if not check_locally:
-        return _Accepted(match, replacement, "not checked: local checks off")
+        return _Accepted(replacement, "not checked: local checks off", {})
     local = local_check.check(graph, replacement)
     if not local.passed:
         return _Refused(match, Refusal(f"local check failed, rewrite not applied: "
                                        f"{local.detail} (a bug in rule {rule.id}: please "
                                        "report it)"))
-    replacement.shapes = local.shapes
-    return _Accepted(match, replacement, local.detail)
+    return _Accepted(replacement, local.detail, local.shapes)
 
 
 def run(
@@ -305,7 +303,7 @@ def run(
                 touched = _tensors_of(accepted.removes) | {
                     id(t) for n in accepted.nodes for t in (*n.inputs, *n.outputs)
                     if isinstance(t, gs.Tensor)}
-                removed, added = apply(graph, accepted, accepted.shapes)
+                removed, added = apply(graph, accepted, outcome.shapes)
                 result.applied.append(Applied(rule.id, removed, added, accepted.why,
                                               outcome.checked))
                 touched |= _tensors_of(_newly_dead(graph, was_read))
@@ -329,4 +327,4 @@ def run(
     )
 
 
-__all__ = ["EngineResult", "InvalidReplacement", "NewNode", "apply", "run", "validate"]
+__all__ = ["EngineResult", "InvalidReplacement", "apply", "run", "validate"]

@@ -22,7 +22,6 @@ from onnxrep.query import (
     constant_value,
     is_graph_output,
     optional_input,
-    producer,
 )
 from onnxrep.rule import Refusal
 
@@ -204,8 +203,3 @@ def gemm_params(gemm: gs.Node) -> GemmParams | Refusal:
         beta = float(gemm.attrs.get("beta", 1.0))
     return GemmParams(matrix, trans_b, int(k), int(out), float(gemm.attrs.get("alpha", 1.0)),
                       beta, c_bias)
-
-
-def produced_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    node = producer(tensor)
-    return node if node is not None and node.op == op else None

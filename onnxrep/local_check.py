@@ -43,7 +43,7 @@ from onnxrep.graph import shape_probe
 from onnxrep.io import payload_bytes
 from onnxrep.query import attr_str
 from onnxrep.rule import NewNode, NewValue, NewWeight, Replacement
-from onnxrep.verify import REGIMES, compare_outputs, regime_scale, session
+from onnxrep.verify import REGIMES, compare_outputs, random_tensor, regime_scale, session
 
 _LIGHT_BYTES = 4096  # shape inference reads the dims of weights larger than this, not bytes
 # (batch, spatial size per spatial axis): odd and even sizes, batch 1 and 2
@@ -262,14 +262,13 @@ def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalChec
         return LocalCheck(True, 0, f"not checked: {exc}")
     except Exception as exc:  # noqa: BLE001 - a block onnxruntime will not load as cut out
         return LocalCheck(True, 0, f"not checked: {first_line(exc)}")
-    from onnxrep.verify import _random_tensor  # one generator of regimes for both checks
 
     names = [t.name for t in block.outputs]
     runs, sizes = 0, []
     for k, (dims, regimes) in enumerate(plans):
         for j, regime in enumerate(regimes):
             rng = np.random.default_rng(seed + 31 * k + j)
-            feeds = {t.name: _random_tensor(rng, _ort_type(t), dims[t.name], regime)
+            feeds = {t.name: random_tensor(rng, _ort_type(t), dims[t.name], regime)
                      for t in block.inputs}
             for t in replacement.nonnegative_inputs:  # a precondition proven upstream
                 if t.name in feeds:

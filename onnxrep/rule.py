@@ -99,8 +99,6 @@ class Replacement:
     removes: list[gs.Node]
     nodes: list[NewNode]
     why: str
-    # set by the engine's local check: inferred dims of the new values (id -> dims)
-    shapes: dict[int, list] = field(default_factory=dict)
     # boundary tensors the rewrite is exact for only because the rule proved them >= 0
     # (onnxrep.nonnegative, e.g. remove-residual's block input under a Relu): a check that
     # samples the block on its own must feed them values >= 0

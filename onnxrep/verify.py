@@ -228,7 +228,7 @@ def random_inputs(
     """Seeded random inputs at `input_shapes` (symbolic dims not given: 1)."""
     dims = shape_variants(sess.get_inputs(), input_shapes)[0]
     rng = np.random.default_rng(seed)
-    return {arg.name: _random_tensor(rng, arg.type, dims[arg.name], regime)
+    return {arg.name: random_tensor(rng, arg.type, dims[arg.name], regime)
             for arg in sess.get_inputs()}
 
 
@@ -239,8 +239,9 @@ _ORT_TYPES = {
 }
 
 
-def _random_tensor(rng: np.random.Generator, ort_type: str, dims: list[int],
-                   regime: str = "normal") -> np.ndarray:
+def random_tensor(rng: np.random.Generator, ort_type: str, dims: list[int],
+                  regime: str = "normal") -> np.ndarray:
+    """Random values of an onnxruntime input type in a value regime (`REGIMES`)."""
     dtype = _ORT_TYPES.get(ort_type)
     if dtype is None:
         raise OnnxrepError(f"cannot make random inputs of type {ort_type}")
