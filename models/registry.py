@@ -9,13 +9,16 @@ import torch
 
 from models import (
     acnet,
+    bnhead,
     convbn,
     csla,
     dbb,
     fastvit,
     inception,
+    levit,
     mobilenetv2,
     mobileone,
+    nextvit,
     orepa,
     qarepvgg,
     repghost,
@@ -243,6 +246,48 @@ _FAMILIES: list[Family] = [
         _SHAPE32,
         FORMS,
         "pre-activation blocks: block input not provably >= 0, RM must not fire; plain = itself",
+    ),
+    Family(
+        "levit",
+        levit.build_train,
+        levit.build_plain,
+        _SHAPE64,
+        FORMS,
+        "LeViT stage (16 tokens at 64x64, no attention biases): 4 Linear_BN + BN_Linear head. "
+        "Linear_BN: ts forms MatMul -> Flatten(axis=2) -> BN -> Reshape(shape = Shape(MatMul "
+        "output)), then for qkv a second Reshape (Concat of Shape/Gather) to the heads; "
+        "dynamo: MatMul -> Reshape(const [-1, C]) -> BN -> Reshape(const [-1, 16, C]) (qkv: "
+        "one merged Reshape(const [-1, 16, 2, 32]) that splits the channel axis); "
+        "dynamo-noopt: both Reshapes take Concat shapes computed from Shape(input). Head: "
+        "ReduceMean(axes [1], keepdims 0) -> BN on [N, 32] -> Gemm (dynamo-noopt: the axes "
+        "input is Reshape(Constant)). MatMul weights are initializers in ts-folded and dynamo, "
+        "Transpose(initializer) in ts-unfolded and dynamo-noopt. Neither TorchScript folding nor "
+        "the dynamo optimizer folds any of these 5 BNs (only the Conv-BNs)",
+    ),
+    Family(
+        "nextvit",
+        nextvit.build_train,
+        nextvit.build_plain,
+        _SHAPE32,
+        FORMS,
+        "2 NTB-like blocks (8x8 = 64 tokens, sr_ratio 2 then 1): pre-BN2d -> Transpose(0,2,3,1)"
+        " -> Reshape[B, HW, C] (ts: Concat of Shape/Gather, also read by 3 Shape nodes; dynamo: "
+        "const [-1, 64, 32]; dynamo-noopt: computed Concat) -> MatMul q, and (sr 2) -> "
+        "Transpose(0,2,1) -> AveragePool(k 4, s 4, pads 0, count_include_pad 1) -> BN1d on "
+        "[N, 32, 16] -> Transpose(0,2,1) -> MatMul k, v, or (sr 1) -> MatMul q, k, v; the first "
+        "pre-BN follows the stem's Relu. pre-BN2d -> Conv 1x1 (MLP). Every form keeps these 5 "
+        "BNs (+ 2 stem Conv-BNs in ts-unfolded/dynamo-noopt). MatMul weights as in levit",
+    ),
+    Family(
+        "bnhead",
+        bnhead.build_train,
+        bnhead.build_plain,
+        _SHAPE32,
+        FORMS,
+        "Conv-BN-ReLU x3, then Relu -> BN -> GAP -> Flatten -> Gemm. ts: GlobalAveragePool -> "
+        "Flatten(axis=1); dynamo: ReduceMean(axes [-1, -2], keepdims 1) -> Reshape(const "
+        "[-1, 24]); dynamo-noopt: ReduceMean(axes = Reshape(Constant)) -> Reshape(computed "
+        "Concat). The final BN stays in every form (the dynamo optimizer does not fold it)",
     ),
 ]
 

@@ -21,6 +21,7 @@ from onnxrep.rule import Rule
 from onnxrep.verify import verify as run_verification
 
 __version__ = "0.1.0"
+DEFAULT_MAX_GROWTH = 1.05
 
 
 @dataclass
@@ -80,10 +81,14 @@ def fuse(
     rtol: float | None = None,
     atol: float | None = None,
     input_shapes: dict[str, list[int]] | None = None,
+    max_growth: float | None = DEFAULT_MAX_GROWTH,
 ) -> Result:
     """Re-parameterize a model. `model` is a ModelProto or a path (external data is loaded
     from beside it). The returned report says what was applied and how the fused model
-    compares with the input on onnxruntime; check `result.verified` before using it."""
+    compares with the input on onnxruntime; check `result.verified` before using it.
+    `max_growth`: no rewrite (but residual removal, opt-in) may take the weights past this
+    many times their bytes at the start (a map folded into consumers that share a weight
+    copies it); None: no bound."""
     start = time.perf_counter()
     if isinstance(model, onnx.ModelProto):
         io.check(model)
@@ -110,7 +115,10 @@ def fuse(
         reference = path
         del source
         gc.collect()  # gs's import leaves reference cycles that still point into the proto
-    result = engine.run(graph, chosen, check_locally=verify)
+    result = engine.run(graph, chosen, check_locally=verify, max_growth=max_growth)
+    report.extra["weight_bytes"] = {"before": result.weight_bytes_before,
+                                    "after": engine.weight_bytes(graph),
+                                    "max_growth": max_growth}
     fused = graph_mod.export(graph, like=header)
     del graph
     report.applied, report.misses = result.applied, result.misses

@@ -51,6 +51,7 @@ class EngineResult:
     applied: list[Applied] = field(default_factory=list)
     misses: list[Miss] = field(default_factory=list)
     iterations: int = 0
+    weight_bytes_before: int = 0
 
 
 class InvalidReplacement(Exception):
@@ -255,13 +256,34 @@ def _attempt(graph: gs.Graph, rule: Rule, node: gs.Node, check_locally: bool
     return _Accepted(replacement, local.detail, local.shapes)
 
 
+def weight_bytes(graph: gs.Graph) -> int:
+    """The bytes of the graph's constants, each counted once."""
+    return sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def _growth(graph: gs.Graph, replacement: Replacement) -> int:
+    """Bytes a replacement adds to the weights: its new constants, less the constants that only
+    the removed nodes read (a weight shared with a node that stays is kept for it)."""
+    added = sum(t.values.nbytes for n in replacement.nodes for t in n.inputs
+                if isinstance(t, NewWeight))
+    removed = {id(n) for n in replacement.removes}
+    freed = {id(t): t for t in _weights_read_by(replacement.removes)
+             if all(id(r) in removed for r in t.outputs) and not is_graph_output(graph, t)}
+    return added - sum(t.values.nbytes for t in freed.values())
+
+
 def run(
     graph: gs.Graph, rules: Sequence[Rule], max_iterations: int = MAX_ITERATIONS,
-    check_locally: bool = False,
+    check_locally: bool = False, max_growth: float | None = None,
 ) -> EngineResult:
     """Run `rules` to a fixed point. With `check_locally`, every rewrite is first compared
-    with the block it replaces (onnxrep.local_check) and refused when they differ."""
+    with the block it replaces (onnxrep.local_check) and refused when they differ. With
+    `max_growth`, a rewrite of a rule that is not opt-in is refused when it would take the
+    weights past `max_growth` times their bytes at the start (docs/DESIGN.md, "The engine
+    loop"); residual removal widens layers by design and is bounded by being opt-in."""
     result = EngineResult()
+    result.weight_bytes_before = current_bytes = weight_bytes(graph)
+    limit = None if max_growth is None else max_growth * current_bytes
     cache = _RefusalCache()
     # (rule, node) pairs whose rule raised: skipped for the rest of the run (node held, so its
     # id is not reused)
@@ -298,6 +320,14 @@ def run(
                     misses.append(Miss(rule.id, node.name, outcome.refusal.reason))
                     continue
                 accepted = outcome.replacement
+                growth = _growth(graph, accepted)
+                if limit is not None and not getattr(rule, "opt_in", False) and (
+                        growth > 0 and current_bytes + growth > limit):
+                    misses.append(Miss(rule.id, node.name, (
+                        f"would grow the weights to {current_bytes + growth:,} bytes, past "
+                        f"--max-growth {max_growth:g} x {result.weight_bytes_before:,}")))
+                    continue
+                current_bytes += growth
                 weights = _weights_read_by(accepted.removes)
                 was_read = [t for n in accepted.removes for t in n.inputs if t is not None]
                 touched = _tensors_of(accepted.removes) | {
@@ -327,4 +357,4 @@ def run(
     )
 
 
-__all__ = ["EngineResult", "InvalidReplacement", "apply", "run", "validate"]
+__all__ = ["EngineResult", "InvalidReplacement", "apply", "run", "validate", "weight_bytes"]

@@ -11,6 +11,7 @@ from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
 from onnxrep.rules.merge_concat import MergeConcatenatedConvs
 from onnxrep.rules.merge_parallel import MergeParallelBranches
 from onnxrep.rules.merge_sequential import MergeSequentialConvs
+from onnxrep.rules.propagate_affine import PropagateAffine
 from onnxrep.rules.remove_residual import RemoveResidual
 from onnxrep.rules.rm_merge_pointwise import MergePointwisePair
 
@@ -21,6 +22,7 @@ RULES: list[Rule] = [
     MergeSequentialConvs(),
     MergeParallelBranches(),
     MergeConcatenatedConvs(),
+    PropagateAffine(),
     # opt-in (--remove-residuals), after every merging rule:
     RemoveResidual(),
     MergePointwisePair(),
