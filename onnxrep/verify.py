@@ -4,11 +4,12 @@
 Two onnxruntime CPU sessions with graph optimizations disabled on both (we test our graph,
 not onnxruntime's rewrite of it), fed the same seeded random inputs of the declared dtypes.
 
-Shapes: symbolic dimensions take values from `input_shapes` (name -> dims) or 1; when the model
+Shapes: symbolic dimensions take values from `input_shapes` (name -> dims); when the model
 has a symbolic batch dimension it also runs at another batch size, and when it has symbolic
 spatial dimensions also at an odd size (the other parity: stride-2 alignment differs). A shape
 the *input* model does not run at is not admitted: it is skipped and reported, never held
-against the fused model.
+against the fused model. Symbols given no value take sizes the input model runs at, found by
+onnxrep.admissible, and the Verification says which (`automatic`, `shape_search`).
 Values: at the first shape, four regimes - standard normal, large magnitude, all negative,
 all positive (a wrong bias hides under large values, a wrong Relu under positive ones); at the
 other shapes, standard normal.
@@ -26,6 +27,7 @@ name; otherwise the output itself is), and the report says which.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ import onnxruntime as ort
 from onnxrep.errors import OnnxrepError, first_line
 from onnxrep.io import TWO_GB, SplitModel, save_atomic, serialize
 
-ort.set_default_logger_severity(3)  # onnxruntime's optimizer warnings are not ours to print
+ort.set_default_logger_severity(4)  # onnxruntime's own log lines are not ours to print
 
 DEFAULT_RTOL = 1e-5  # float32 and wider
 DEFAULT_ATOL = 1e-6
@@ -102,6 +104,10 @@ class Verification:
     input_shapes: Dims = field(default_factory=dict)  # the first run's
     runs: list[Run] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # shapes the input model does not admit
+    # symbolic dims given no size (--input-shape): symbol -> the value chosen automatically
+    # (the first run's; onnxrep.admissible), and how they were found
+    automatic: dict[str, int] = field(default_factory=dict)
+    shape_search: str = ""
     # outputs after a discontinuous op -> what was compared in their place, and why
     substituted: dict[str, str] = field(default_factory=dict)
 
@@ -109,8 +115,13 @@ class Verification:
     def worst_rel_l2(self) -> float:
         return max((o.rel_l2 for o in self.outputs), default=0.0)
 
+    @property
+    def shapes_verified(self) -> list[Dims]:
+        return list({repr(r.input_shapes): r.input_shapes for r in self.runs}.values())
+
     def as_dict(self) -> dict:
-        return asdict(self) | {"worst_rel_l2": self.worst_rel_l2}
+        return asdict(self) | {"worst_rel_l2": self.worst_rel_l2,
+                               "shapes_verified": self.shapes_verified}
 
 
 ModelRef = onnx.ModelProto | SplitModel | str | os.PathLike
@@ -170,10 +181,9 @@ def _symbol(dim: object, name: str, axis: int) -> str | None:
     return dim if isinstance(dim, str) and dim else f"{name}:{axis}"
 
 
-def shape_variants(args: list, input_shapes: Dims | None = None) -> list[Dims]:
-    """The input shapes to verify at: the given one (symbolic dims 1 where not given), then
-    another batch size when a batch dim is symbolic, then an odd spatial size (the other
-    parity) when spatial dims are symbolic. A symbol keeps one value across inputs."""
+def given_values(args: list, input_shapes: Dims | None) -> dict[str, int]:
+    """The symbols `input_shapes` fixes -> their values (one value per symbol across inputs);
+    unknown input names and wrong ranks are usage errors."""
     input_shapes = input_shapes or {}
     unknown = set(input_shapes) - {a.name for a in args}
     if unknown:
@@ -190,29 +200,48 @@ def shape_variants(args: list, input_shapes: Dims | None = None) -> list[Dims]:
             symbol = _symbol(dim, arg.name, axis)
             if symbol is not None:
                 values.setdefault(symbol, given)
+    return values
 
-    def dims_with(chosen: dict[str, int]) -> Dims:
-        out: Dims = {}
-        for arg in args:
-            given = input_shapes.get(arg.name)
-            dims = []
-            for axis, dim in enumerate(arg.shape):
-                symbol = _symbol(dim, arg.name, axis)
-                if symbol is None:
-                    dims.append(given[axis] if given else int(dim))
-                else:
-                    dims.append(chosen.get(symbol, 1))
-            out[arg.name] = dims
-        return out
 
-    variants = [dims_with(values)]
+def dims_with(args: list, input_shapes: Dims | None, chosen: dict[str, int]) -> Dims:
+    """Every input's dims: static ones as declared (or given), symbols from `chosen`, else 1."""
+    out: Dims = {}
+    for arg in args:
+        given = (input_shapes or {}).get(arg.name)
+        dims = []
+        for axis, dim in enumerate(arg.shape):
+            symbol = _symbol(dim, arg.name, axis)
+            if symbol is None:
+                dims.append(given[axis] if given else int(dim))
+            else:
+                dims.append(chosen.get(symbol, 1))
+        out[arg.name] = dims
+    return out
+
+
+def symbol_roles(args: list) -> tuple[set[str], set[str], set[str]]:
+    """(batch, spatial, other) symbols: axis 0; axes 2 and up of a rank >= 3 input; the rest.
+    A symbol that is a batch dim anywhere is a batch symbol."""
     batch = {s for a in args if len(a.shape) >= 1 and (s := _symbol(a.shape[0], a.name, 0))}
+    every = {s for a in args for axis, d in enumerate(a.shape)
+             if (s := _symbol(d, a.name, axis))}
     spatial = {s for a in args if len(a.shape) >= 3 for axis, d in enumerate(a.shape)
-               if axis >= 2 and (s := _symbol(d, a.name, axis))}
+               if axis >= 2 and (s := _symbol(d, a.name, axis))} - batch
+    return batch, spatial, every - batch - spatial
+
+
+def shape_variants(args: list, input_shapes: Dims | None = None) -> list[Dims]:
+    """The input shapes to verify at: the given one (symbolic dims 1 where not given), then
+    another batch size when a batch dim is symbolic, then an odd spatial size (the other
+    parity) when spatial dims are symbolic. A symbol keeps one value across inputs."""
+    values = given_values(args, input_shapes)
+    batch, spatial, _ = symbol_roles(args)
+    variants = [dims_with(args, input_shapes, values)]
     if batch:
-        variants.append(dims_with(values | {s: values.get(s, 1) + 1 for s in batch}))
+        variants.append(dims_with(args, input_shapes,
+                                  values | {s: values.get(s, 1) + 1 for s in batch}))
     if spatial:
-        variants.append(dims_with(values | {
+        variants.append(dims_with(args, input_shapes, values | {
             s: values.get(s, 1) + (1 if values.get(s, 1) % 2 == 0 else 2) for s in spatial}))
     unique: list[Dims] = []
     for variant in variants:
@@ -411,7 +440,7 @@ def verify(
             substituted[name] = (f"computed through {ops}, compared as is (the fused model "
                                  "does not keep what feeds it)")
     extra = [t for t in compared if t not in outputs]
-    del ref_structure, new_structure
+    del new_structure
     ref_sess = session(_with_outputs(reference, extra))
     new_sess = session(_with_outputs(candidate, extra))
     all_names = [o.name for o in ref_sess.get_outputs()]
@@ -421,10 +450,16 @@ def verify(
     new_inputs = {i.name for i in new_sess.get_inputs()}
     if new_inputs != inputs:
         raise OnnxrepError(f"the models' inputs differ: {sorted(inputs)} vs {sorted(new_inputs)}")
-    variants = shape_variants(ref_sess.get_inputs(), input_shapes)
+    args = ref_sess.get_inputs()
+    free = _free_symbols(args, input_shapes)
+    if any(free):
+        variants, skipped, automatic, how = _admissible_variants(
+            args, input_shapes, free, ref_structure, ref_sess, all_names, seed)
+    else:
+        variants, skipped, automatic, how = shape_variants(args, input_shapes), [], {}, ""
+    del ref_structure
     plan = [(variants[0], r) for r in REGIMES] + [(v, "normal") for v in variants[1:]]
     runs: list[Run] = []
-    skipped: list[str] = []
     for k, (dims, regime) in enumerate(plan):
         feeds = random_inputs(ref_sess, dims, seed + k, regime)
         if k == 0:  # the shape asked for: the input model must run there
@@ -464,4 +499,75 @@ def verify(
         runs=runs,
         skipped=skipped,
         substituted=substituted,
+        automatic=automatic,
+        shape_search=how,
     )
+
+
+def admissible_shapes(model: ModelRef, input_shapes: Dims | None = None) -> Dims:
+    """The input dims to run `model` at: the given ones, and for symbols given no size, the
+    first admissible choice of onnxrep.admissible (a one-line error when none is found)."""
+    sess = session(model)
+    args = sess.get_inputs()
+    free = _free_symbols(args, input_shapes)
+    if not any(free):
+        return shape_variants(args, input_shapes)[0]
+    names = [o.name for o in sess.get_outputs()]
+    return _admissible_variants(args, input_shapes, free, _structure(model), sess, names, 0)[0][0]
+
+
+def _failure(error: str) -> str:
+    """onnxruntime's run error in a few words: the node that failed, if it names one."""
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", error)
+    return f"failed in {node[1]} '{node[2]}'" if node else f"failed: {error[:120]}"
+
+
+def _free_symbols(args: list, input_shapes: Dims | None) -> tuple[set[str], set[str]]:
+    """(batch, non-batch) symbols `input_shapes` gives no value for."""
+    given = given_values(args, input_shapes)
+    batch, spatial, other = symbol_roles(args)
+    return batch - set(given), (spatial | other) - set(given)
+
+
+def _admissible_variants(
+    args: list, input_shapes: Dims | None, free: tuple[set[str], set[str]],
+    structure: onnx.ModelProto, sess: ort.InferenceSession, names: list[str], seed: int,
+) -> tuple[list[Dims], list[str], dict[str, int], str]:
+    """Shapes to verify at when symbols have no given size: found by running the input model
+    (onnxrep.admissible). Returns (variants, skipped, symbol -> value chosen, how). No
+    admissible shape: a one-line error naming --input-shape and the input."""
+    from onnxrep.admissible import search
+    from onnxrep.graph import static_shapes
+
+    given = given_values(args, input_shapes)
+
+    def dims_at(values: dict[str, int]) -> Dims:
+        return dims_with(args, input_shapes, given | values)
+
+    def run(values: dict[str, int]) -> str | None:
+        try:
+            sess.run(names, random_inputs(sess, dims_at(values), seed))
+        except Exception as exc:  # noqa: BLE001 - a shape the input model does not admit
+            return first_line(exc)
+        return None
+
+    found = search(*free, structure, run, lambda values: static_shapes(structure,
+                                                                       dims_at(values)))
+    symbols = sorted(free[0] | free[1])
+    if not found.found:
+        named = [a for a in args if any(_symbol(d, a.name, i) in symbols
+                                        for i, d in enumerate(a.shape))]
+        inputs = ", ".join(a.name + "[" + ", ".join(str(d) if d else "?" for d in a.shape) + "]"
+                           for a in named)
+        example = named[0].name if named else "NAME"
+        raise OnnxrepError(
+            f"no size found at which the input model runs for the symbolic dims of {inputs} "
+            f"(tried {found.runs} shapes in {found.seconds:.1f} s: {found.tried_text()}; the last "
+            f"{_failure(found.last_error)}): give them with --input-shape {example}:D1,D2,...")
+    variants = [dims_at(v) for v in found.variants]
+    skipped = [f"{_shapes_text(dims_at(v))}: the input model does not run there ({error})"
+               for v, error in found.rejected]
+    how = (f"chosen automatically (no --input-shape): {found.runs} shapes tried in "
+           f"{found.seconds:.2f} s" + (f"; from the graph: {'; '.join(found.implied)}"
+                                        if found.implied else ""))
+    return variants, skipped, {k: found.variants[0][k] for k in symbols}, how

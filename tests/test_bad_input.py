@@ -215,15 +215,18 @@ def test_an_unwritable_report_folder_is_refused_before_the_model_is_written(
 
 def test_a_model_that_does_not_run_at_the_default_size_says_how_to_give_one(
         folders: tuple[Path, Path]) -> None:
-    """Symbolic dims default to 1; a Reshape to [5, -1] does not admit batch 1: one line that
-    names the shape tried and --input-shape (onnxruntime's own log lines stay silent)."""
+    """A Reshape to [5, -1] admits no batch of 1 to 4 (the ones tried when no size is given):
+    one line that names the input, what was tried and --input-shape (onnxruntime's own log
+    lines stay silent)."""
     src, dst = folders
     path = src / "model.onnx"
     nodes = [node("Relu", ["x"], ["r"], "relu"), node("Reshape", ["r", "shape"], ["y"], "rs")]
     onnx.save(make_model(nodes, [("x", ["N", 3, 4, 4])], [("y", None)],
                          [const("shape", np.array([5, -1]), np.int64)]), str(path))
-    line = expect_bad(path, dst, words=("x[1, 3, 4, 4]", "--input-shape"))
-    assert line.startswith("onnxrep: error: the input model does not run at x[1, 3, 4, 4]")
+    line = expect_bad(path, dst, words=("x[N, 3, 4, 4]", "batch 1, 2, 3, 4", "--input-shape x:"))
+    assert line.startswith("onnxrep: error: no size found at which the input model runs")
+    line = expect_bad(path, dst, "--input-shape", "x:2,3,4,4", words=("x[2, 3, 4, 4]",))
+    assert line.startswith("onnxrep: error: the input model does not run at x[2, 3, 4, 4]")
     proc = cli("fuse", path, dst / "out.onnx", "--input-shape", "x:5,3,4,4", "-q")
     assert proc.returncode == 0, proc.stderr
 
