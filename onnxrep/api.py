@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxrep import engine, io
+from onnxrep import engine, io, targets
 from onnxrep import graph as graph_mod
 from onnxrep.errors import OnnxrepError
 from onnxrep.report import Report, macs, op_counts, parameter_count, stamp
@@ -81,6 +81,8 @@ def fuse(
     rtol: float | None = None,
     atol: float | None = None,
     input_shapes: dict[str, list[int]] | None = None,
+    target: str | None = None,
+    opset: int | None = None,
     max_growth: float | None = DEFAULT_MAX_GROWTH,
 ) -> Result:
     """Re-parameterize a model. `model` is a ModelProto or a path (external data is loaded
@@ -88,7 +90,9 @@ def fuse(
     compares with the input on onnxruntime; check `result.verified` before using it.
     `max_growth`: no rewrite (but residual removal, opt-in) may take the weights past this
     many times their bytes at the start (a map folded into consumers that share a weight
-    copies it); None: no bound."""
+    copies it); None: no bound.
+    `target` / `opset`: fit the output to a deployment runtime (onnxrep/targets.py), a step
+    the verification covers; the model is then written as one file when it fits in 2 GB."""
     start = time.perf_counter()
     if isinstance(model, onnx.ModelProto):
         io.check(model)
@@ -99,6 +103,10 @@ def fuse(
         files = loaded.files
         del loaded
     chosen = select_rules(rules, skip, remove_residuals)
+    fitting = target is not None or opset is not None
+    if fitting:  # a bad target or opset is a one-line error before any work
+        target = target or targets.DEFAULT_TARGET
+        targets.target_opset(source, target, opset)
     report = Report(
         version=__version__,
         source=str(path) if path else "<model>",
@@ -121,6 +129,11 @@ def fuse(
                                     "max_growth": max_growth}
     fused = graph_mod.export(graph, like=header)
     del graph
+    if fitting:
+        fused.proto, warnings = targets.fit_to_target(fused.proto, target, opset)
+        report.target = {"name": target, "opset": targets.opset_mod.model_opset(fused.proto),
+                         "warnings": warnings}
+        external = False  # one file when the weights fit (Result.writes_external_data)
     report.applied, report.misses = result.applied, result.misses
     report.ops_after = op_counts(fused.proto)
     report.params_after = parameter_count(fused.proto)
