@@ -5,7 +5,7 @@ ONNXREP ?= $(PYTHON) -m onnxrep.cli
 EXAMPLE := models/examples/repvgg_tiny.onnx
 LINTED := onnxrep tests models bench
 
-.PHONY: install demo test-deps test lint fuzz bench clean
+.PHONY: install demo test-deps test lint fuzz bench targets clean
 
 install:
 	$(PIP) install -e .
@@ -45,6 +45,15 @@ fuzz:
 bench:
 	$(PIP) install -e '.[bench]'
 	$(PYTHON) bench/run.py
+
+# Deployment runtimes (issue 13): the optional extras, then every models/ family in every form
+# fused and run on every installed runtime (tests marked `targets`, deselected by `make test`),
+# then the table family x form x runtime into bench/targets.md and the README section.
+# TARGETS_FAMILIES=a,b TARGETS_FORMS=... TARGETS_RUNTIMES=... restrict both.
+targets:
+	$(PIP) install -e '.[test,targets]'
+	-$(PYTHON) bench/targets.py
+	$(PYTHON) -m pytest -q -m targets tests/test_runtimes.py tests/test_targets.py
 
 clean:
 	rm -rf out build .pytest_cache .ruff_cache *.egg-info

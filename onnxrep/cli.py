@@ -19,6 +19,7 @@ import click
 
 from onnxrep import api, io
 from onnxrep.errors import InternalError, OnnxrepError, first_line
+from onnxrep.targets import TARGETS
 from onnxrep.verify import DEFAULT_ATOL, DEFAULT_RTOL, TOLERANCES, parse_input_shapes
 
 
@@ -71,7 +72,8 @@ verify_options = [
                       f"{DEFAULT_ATOL:g}; float16 {TOLERANCES['float16'][1]:g}, bfloat16 "
                       f"{TOLERANCES['bfloat16'][1]:g}]."),
     click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D1,D2,...",
-                 help="Values of symbolic dims for verification (default 1)."),
+                 help="Values of symbolic dims for verification (default: sizes the input "
+                      "model runs at, found automatically and named in the report)."),
 ]
 
 
@@ -101,22 +103,43 @@ def main() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @_with(verify_options)
 @click.option("--explain", is_flag=True, help="Print near misses: why rules did not fire.")
+@click.option("--max-growth", type=click.FloatRange(min=1.0), default=api.DEFAULT_MAX_GROWTH,
+              show_default=True,
+              help="Refuse a rewrite that would take the weights past this many times their "
+                   "bytes in the input (a BN folded into consumers that share a weight copies "
+                   "it); --remove-residuals is not bounded.")
+@click.option("--target", metavar="T", default=None,
+              help="Fit the output to a deployment runtime (opset, one file, op check): "
+                   f"{', '.join(TARGETS)}.")
+@click.option("--opset", type=int, default=None,
+              help="Write this ai.onnx opset (13-18; default: the target's, else the input's).")
 @click.option("--force", is_flag=True,
               help="Overwrite the input file; write even when verification fails.")
 @click.option("-q", "--quiet", is_flag=True, help="No console report.")
+@click.option("--check-runtime", "check_runtimes", multiple=True, metavar="R",
+              help="Then convert and run the written model on runtime R against onnxruntime "
+                   "(as `onnxrep check`; exit 1 when it disagrees).")
 @debug_option
 @_one_line_errors
 def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
          only: str | None, skip: str | None, no_verify: bool, rtol: float | None,
          atol: float | None,
-         input_shape: tuple[str, ...], explain: bool, force: bool, quiet: bool) -> int:
+         input_shape: tuple[str, ...], explain: bool, max_growth: float,
+         target: str | None, opset: int | None,
+         force: bool, quiet: bool, check_runtimes: tuple[str, ...]) -> int:
     """Fuse SRC into an equivalent plain model written to DST."""
     shapes = parse_input_shapes(input_shape)
+    if check_runtimes:
+        from onnxrep import runtimes
+
+        for name in check_runtimes:  # a missing runtime package: say so before the work
+            runtimes.require(name)
     # the cheap checks now, before the work; all of them again once the input's files are known
     io.check_writes([src] if src.exists() else [], dst, False, report_path, force)
     result = api.fuse(src, rules=_ids(only), skip=_ids(skip) or (),
                       remove_residuals=remove_residuals, verify=not no_verify,
-                      rtol=rtol, atol=atol, input_shapes=shapes)
+                      rtol=rtol, atol=atol, input_shapes=shapes, target=target, opset=opset,
+                      max_growth=max_growth)
     report = result.report
     failed = report.verification is not None and not report.verification.passed
     if not failed or force:
@@ -132,7 +155,41 @@ def fuse(src: Path, dst: Path, report_path: Path | None, remove_residuals: bool,
         click.echo("onnxrep: verification failed: "
                    + ("written anyway (--force)" if force else "nothing written"), err=True)
         return 1
-    return 0
+    # at the shapes verification ran at (symbolic dims it picked included)
+    verified = report.verification.input_shapes if report.verification else shapes
+    return _check_runtimes(dst, check_runtimes, verified)
+
+
+def _check_runtimes(model: Path, names: tuple[str, ...], shapes: dict[str, list[int]]) -> int:
+    """Run `model` on each runtime against onnxruntime; 0 when all agree, else 1."""
+    from onnxrep import runtimes
+
+    checks = [runtimes.check(model, name, shapes) for name in names]
+    for result in checks:
+        click.echo(result.render())
+    return 0 if all(c.passed for c in checks) else 1
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--runtime", "names", multiple=True, required=True, metavar="R",
+              help="onnxruntime, ort-mobile, openvino, mnn, ncnn, tensorrt or tflite "
+                   "(repeatable).")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D1,D2,...",
+              help="Values of symbolic dims (default 1).")
+@debug_option
+@_one_line_errors
+def check(model: Path, names: tuple[str, ...], input_shape: tuple[str, ...]) -> int:
+    """Convert MODEL with runtime R's own tools, run it there and compare each output with
+    onnxruntime on the same seeded inputs (exit 0 within R's tolerance, 1 not; 2 when R's
+    package is missing)."""
+    from onnxrep import runtimes
+
+    shapes = parse_input_shapes(input_shape)
+    for name in names:
+        runtimes.require(name)
+    io.load(model)  # one-line errors for bad files before any runtime sees them
+    return _check_runtimes(model, names, shapes)
 
 
 @main.command()
@@ -153,6 +210,9 @@ def verify(reference: Path, candidate: Path, rtol: float | None, atol: float | N
     for o in result.outputs:
         click.echo(f"{o.name}: max|err| {o.max_abs:.3g}  rel L2 {o.rel_l2:.3g}  "
                    f"{'ok' if o.passed else 'FAIL'}")
+    if result.automatic:
+        click.echo(f"symbolic dims {', '.join(f'{k}={n}' for k, n in result.automatic.items())}"
+                   f" {result.shape_search}")
     click.echo("equivalent" if result.passed else "DIFFERENT")
     return 0 if result.passed else 1
 
@@ -174,9 +234,11 @@ def bench(src: Path, fused: Path | None, runs: int, warmup: int, threads: tuple[
     import json
 
     from onnxrep.bench import compare_latency, render, thread_counts
+    from onnxrep.verify import admissible_shapes
 
-    shapes = parse_input_shapes(input_shape)
     io.load(src)
+    # sizes a dynamic model runs at, when not given (the report of `fuse` names them too)
+    shapes = admissible_shapes(src, parse_input_shapes(input_shape))
     if fused is not None:
         io.load(fused)
         candidate = fused
