@@ -483,6 +483,30 @@ _OPS: dict[str, Callable[..., _Val]] = {
 }
 
 
+def _evaluate(order: Sequence[gs.Node], env: dict[int, _Val], sources: dict[int, _Val]) -> None:
+    """Run `order` on abstract values: `env` holds the values known so far (and gets each
+    node's output), `sources` the dims of the tensors a Shape node may read."""
+
+    def value(tensor: gs.Tensor | None, reader: gs.Node) -> _Val | None:
+        if tensor is None:
+            return None
+        if id(tensor) in env:
+            return env[id(tensor)]
+        if reader.op == "Shape" and id(tensor) in sources:
+            return sources[id(tensor)]
+        const = constant_value(tensor)
+        if const is None:
+            raise _fail(reader, f"reads {tensor.name}, which is not computed before it")
+        return _const(const)
+
+    for node in order:
+        step = _OPS.get(node.op)
+        if step is None or len(node.outputs) != 1:
+            raise _fail(node, "is not an op the batch-size proof knows")
+        inputs = [value(optional_input(node, i), node) for i in range(len(node.inputs))]
+        env[id(node.outputs[0])] = step(node, *inputs)
+
+
 def batchwise(t: gs.Tensor, u: gs.Tensor, order: Sequence[gs.Node],
               shape_sources: Sequence[gs.Tensor]) -> Refusal | None:
     """None when `order` (the nodes computing u from t, producers first) computes u[n] from
@@ -501,25 +525,8 @@ def batchwise(t: gs.Tensor, u: gs.Tensor, order: Sequence[gs.Node],
                            f"{t.name}'s batch")
         sources[id(src)] = _Val(tuple(dims))
 
-    def value(tensor: gs.Tensor | None, reader: gs.Node) -> _Val | None:
-        if tensor is None:
-            return None
-        if id(tensor) in env:
-            return env[id(tensor)]
-        if reader.op == "Shape" and id(tensor) in sources:
-            return sources[id(tensor)]
-        const = constant_value(tensor)
-        if const is None:
-            raise _fail(reader, f"reads {tensor.name}, which is not computed before it")
-        return _const(const)
-
     try:
-        for node in order:
-            step = _OPS.get(node.op)
-            if step is None or len(node.outputs) != 1:
-                raise _fail(node, "is not an op the batch-size proof knows")
-            inputs = [value(optional_input(node, i), node) for i in range(len(node.inputs))]
-            env[id(node.outputs[0])] = step(node, *inputs)
+        _evaluate(order, env, sources)
     except _Unproven as exc:
         return Refusal(f"the fill between {t.name} and {u.name} is not proven the same at "
                        f"every batch size: {exc}")
@@ -530,3 +537,38 @@ def batchwise(t: gs.Tensor, u: gs.Tensor, order: Sequence[gs.Node],
     if result is None or not result.data or result.axis != 0:
         return Refusal(f"{u.name} is not {t.name}'s batch moved element by element")
     return None
+
+
+def shape_in_batch(u: gs.Tensor, order: Sequence[gs.Node], batch: int | str,
+                   shape_sources: Sequence[gs.Tensor]) -> list[int | str] | Refusal:
+    """The value of the 1-D integer tensor `u` that `order` (producers first) computes from
+    constants and the shapes of `shape_sources`: a list of ints, and BATCH where the entry is
+    exactly `batch` (a static or symbolic dim the sources share at their axis 0), for every
+    value `batch` takes. Each source's dims must be `batch` or static (the arithmetic is the
+    proof's own: `a*N + b` per entry). Else the reason it is not known."""
+    sources: dict[int, _Val] = {}
+    for src in shape_sources:
+        dims = [BATCH if d == batch else d for d in (src.shape or [None])]
+        if not dims or dims[0] != BATCH or not all(d == BATCH or isinstance(d, int)
+                                                   for d in dims):
+            return Refusal(f"the shape of {src.name} {src.shape} is not [{batch}, static...]")
+        sources[id(src)] = _Val(tuple(dims))
+    env: dict[int, _Val] = {}
+    try:
+        _evaluate(order, env, sources)
+    except _Unproven as exc:
+        return Refusal(f"{u.name} is not known at every batch size: {exc}")
+    except (TypeError, ValueError, IndexError) as exc:  # an input count or shape ONNX forbids
+        return Refusal(f"{u.name} is not known at every batch size: {type(exc).__name__}: {exc}")
+    result = env.get(id(u))
+    if result is None or result.data or result.axis is not None or len(result.dims) != 1:
+        return Refusal(f"{u.name} is not a vector computed from shapes and constants")
+    entries: list[int | str] = []
+    for a, b in zip(result.a.tolist(), result.b.tolist(), strict=True):
+        if a == 0:
+            entries.append(int(b))
+        elif a == 1 and b == 0:
+            entries.append(BATCH)
+        else:
+            return Refusal(f"{u.name} holds {a}*{batch} + {b}")
+    return entries

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxrep.rule import Refusal
+
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The value of a constant tensor (initializer or folded Constant), else None."""
@@ -71,6 +73,48 @@ def conv_attrs(node: gs.Node) -> dict[str, Any]:
         "dilations": attr_ints(node, "dilations", [1] * spatial),
         "group": int(node.attrs.get("group", 1)),
     }
+
+
+def reduce_axes(node: gs.Node) -> list[int] | None | Refusal:
+    """The axes a Reduce* node lists (its constant input, else its attribute), None when it
+    lists none; a Refusal when the input is not a constant."""
+    given = optional_input(node, 1)
+    if given is not None:
+        value = constant_value(given)
+        if value is None or value.dtype.kind not in "iu":
+            return Refusal(f"{node.name} takes its axes from '{given.name}', not a constant "
+                           "integer tensor")
+        return [int(a) for a in np.ravel(value)]
+    return attr_ints(node, "axes", []) if "axes" in node.attrs else None
+
+
+def producers_first(nodes: list[gs.Node]) -> list[gs.Node]:
+    """The nodes in an order where producers come first (the engine sorts the whole graph
+    only at the end of a pass)."""
+    inside = {id(n): n for n in nodes}
+    done: set[int] = set()
+    order: list[gs.Node] = []
+
+    def visit(node: gs.Node) -> None:
+        if id(node) in done:
+            return
+        done.add(id(node))
+        for tensor in node.inputs:
+            p = producer(tensor)
+            if p is not None and id(p) in inside:
+                visit(p)
+        order.append(node)
+
+    for node in nodes:
+        visit(node)
+    return order
+
+
+def input_symbols(graph: gs.Graph) -> frozenset[str]:
+    """The symbolic dim names of the graph inputs: the only names that prove two dims equal.
+    onnx shape inference also invents names (unk__N), and has been seen to give one to dims
+    of different sizes (the elements of an uneven split into a sequence)."""
+    return frozenset(d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str))
 
 
 def conv_weight_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:

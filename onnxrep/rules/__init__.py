@@ -5,9 +5,11 @@ BN folds backwards into its producer before it folds forwards into a consumer.
 """
 
 from onnxrep.rule import Rule
+from onnxrep.rules.flatten import ReshapeToFlatten
 from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
 from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
 from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
+from onnxrep.rules.global_pool import ReduceMeanToGlobalPool
 from onnxrep.rules.merge_concat import MergeConcatenatedConvs
 from onnxrep.rules.merge_parallel import MergeParallelBranches
 from onnxrep.rules.merge_sequential import MergeSequentialConvs
@@ -23,6 +25,9 @@ RULES: list[Rule] = [
     MergeParallelBranches(),
     MergeConcatenatedConvs(),
     PropagateAffine(),
+    # canonical plain ops (docs/RULES.md, global-pool and flatten): after the merges
+    ReduceMeanToGlobalPool(),
+    ReshapeToFlatten(),
     # opt-in (--remove-residuals), after every merging rule:
     RemoveResidual(),
     MergePointwisePair(),

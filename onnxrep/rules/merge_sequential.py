@@ -70,6 +70,7 @@ from onnxrep.query import (
     conv_weight_bias,
     data_inputs,
     producer,
+    producers_first,
 )
 from onnxrep.rule import Match, Refusal, Replacement, conv_node
 from onnxrep.verify import session
@@ -146,28 +147,6 @@ def _fill_region(t: gs.Tensor, u: gs.Tensor
     # only the ones computing on t are replaced
     inside = [n for n in region.values() if any(id(i) in cone for i in n.inputs)]
     return list(region.values()), list(shape_sources.values()), inside
-
-
-def _ordered(nodes: list[gs.Node]) -> list[gs.Node]:
-    """The nodes in an order where producers come first (the engine sorts the whole graph
-    only at the end of a pass)."""
-    inside = {id(n): n for n in nodes}
-    done: set[int] = set()
-    order: list[gs.Node] = []
-
-    def visit(node: gs.Node) -> None:
-        if id(node) in done:
-            return
-        done.add(id(node))
-        for tensor in node.inputs:
-            p = producer(tensor)
-            if p is not None and id(p) in inside:
-                visit(p)
-        order.append(node)
-
-    for node in nodes:
-        visit(node)
-    return order
 
 
 def _taint_refusal(t: gs.Tensor, order: list[gs.Node]) -> Refusal | None:
@@ -344,7 +323,7 @@ class MergeSequentialConvs:
         if found is None or not any(n.op == "Pad" for n in found[0]):
             return None
         region, shape_sources, replaced = found
-        first, order = producer(t), _ordered(region)
+        first, order = producer(t), producers_first(region)
         return SequentialMatch(node, [first, *order, node], first, node, t, u, order,
                                replaced, shape_sources)
 
