@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep.facts import explicit_padding
-from onnxrep.query import attr_ints, constant_value, optional_input
+from onnxrep.query import attr_ints, constant_value, reduce_axes
 from onnxrep.rule import Refusal
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -136,17 +136,9 @@ def _rank(tensor: gs.Tensor) -> int | None:
 def _reduced_axes(node: gs.Node, rank: int) -> list[int] | Refusal:
     """ReduceMean's axes, normalized; every axis when they are absent (noop_with_empty_axes
     = 0), none when noop_with_empty_axes = 1."""
-    if "axes" in node.attrs:
-        axes = list(attr_ints(node, "axes", []))
-    else:
-        tensor = optional_input(node, 1)
-        if tensor is None:
-            axes = []
-        else:
-            value = constant_value(tensor)
-            if value is None:
-                return Refusal(f"{node.name} axes are computed")
-            axes = [int(v) for v in value.reshape(-1)]
+    axes = reduce_axes(node)
+    if isinstance(axes, Refusal):
+        return axes
     if not axes:
         return [] if int(node.attrs.get("noop_with_empty_axes", 0)) else list(range(rank))
     return sorted({a + rank if a < 0 else a for a in axes})

@@ -278,9 +278,11 @@ def run(
 ) -> EngineResult:
     """Run `rules` to a fixed point. With `check_locally`, every rewrite is first compared
     with the block it replaces (onnxrep.local_check) and refused when they differ. With
-    `max_growth`, a rewrite of a rule that is not opt-in is refused when it would take the
-    weights past `max_growth` times their bytes at the start (docs/DESIGN.md, "The engine
-    loop"); residual removal widens layers by design and is bounded by being opt-in."""
+    `max_growth`, a rewrite of a rule that copies weights (`copies_weights = True`: a map
+    folded into consumers that share a weight) is refused when it would take the weights past
+    `max_growth` times their bytes at the start (docs/DESIGN.md, "The engine loop"). The
+    other rules merge weights (a merged kernel replaces its branches) or, residual removal,
+    widen layers by design and only when asked for."""
     result = EngineResult()
     result.weight_bytes_before = current_bytes = weight_bytes(graph)
     limit = None if max_growth is None else max_growth * current_bytes
@@ -321,7 +323,7 @@ def run(
                     continue
                 accepted = outcome.replacement
                 growth = _growth(graph, accepted)
-                if limit is not None and not getattr(rule, "opt_in", False) and (
+                if limit is not None and getattr(rule, "copies_weights", False) and (
                         growth > 0 and current_bytes + growth > limit):
                     misses.append(Miss(rule.id, node.name, (
                         f"would grow the weights to {current_bytes + growth:,} bytes, past "

@@ -8,7 +8,9 @@
    defaults back;
 3. unique node names (onnx-graphsurgeon compares nodes by name);
 4. guarded constant folding (onnxrep.folding);
-5. removal of no-ops: Identity, inference Dropout, Add/Sub(t, 0), Mul/Div(t, 1);
+5. removal of no-ops: Identity, inference Dropout, Add/Sub(t, 0), Mul/Div(t, 1) - except a
+   zero Add after a MatMul, which a runtime fuses into a Gemm - and a Slice of whole axes
+   (start 0, end INT64_MAX, step 1);
 6. dead-node cleanup and topological order.
 """
 
@@ -26,7 +28,7 @@ from onnxrep import gs_bridge, io
 from onnxrep.errors import OnnxrepError
 from onnxrep.folding import fold_constants
 from onnxrep.io import SplitModel, has_data, payload_bytes
-from onnxrep.query import constant_value, is_graph_input, is_graph_output
+from onnxrep.query import constant_value, is_graph_input, is_graph_output, producer
 from onnxrep.surgery import bypass, redirect_consumers, replace_input
 
 gs_bridge.log_errors_only()
@@ -62,6 +64,49 @@ def shape_probe(model: onnx.ModelProto, heavy: Callable[[onnx.TensorProto], bool
     return probe
 
 
+_PROBE_MAX_ELEMENTS = 64  # larger initializers enter shape inference as typed inputs
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
+                  ) -> dict[str, list[int]] | None:
+    """name -> static dims of every tensor onnx shape inference can size, with the graph
+    inputs' symbolic dims set to 1 (or taken from `input_shapes`). Large weights (and those
+    whose bytes the proto does not hold) are not copied: shape inference reads their dims
+    only. None when shape inference fails. The MAC count and the search for admissible sizes
+    (onnxrep.admissible) use it."""
+    probe = shape_probe(model, lambda t: int(np.prod(t.dims, dtype=np.int64))
+                        > _PROBE_MAX_ELEMENTS or not has_data(t)
+                        or t.data_location == onnx.TensorProto.EXTERNAL)
+    weights = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in weights:
+            continue
+        given = (input_shapes or {}).get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        fixed = list(given) if given is not None else [
+            d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+        next(p for p in probe.graph.input if p.name == vi.name).CopyFrom(
+            onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, fixed))
+    del probe.graph.output[:]  # their declared shapes must not constrain inference
+    for vi in model.graph.output:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(vi.name))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # noqa: BLE001 - no shapes (the callers do without)
+        return None
+    shapes: dict[str, list[int]] = {}
+    g = inferred.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    for t in g.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
 def _heavy(tensor: onnx.TensorProto) -> bool:
     """Large, or with no bytes in the proto (a SplitModel's placeholder, external data)."""
     return ((payload_bytes(tensor) or 0) > _LIGHT_BYTES or not has_data(tensor)
@@ -86,12 +131,42 @@ def _dims(info: onnx.ValueInfoProto) -> Dims:
             for d in tensor_type.shape.dim]
 
 
-def inferred_types(model: onnx.ModelProto) -> tuple[list[onnx.ValueInfoProto], dict[str, Dims]]:
+def _inline_small_external(probe: onnx.ModelProto, model: onnx.ModelProto,
+                            base_dir: Path) -> None:
+    """Small initializers kept in external data (the dynamo exporter writes even a
+    ReduceMean's axes there) enter the probe with their bytes, so that inference sees their
+    values; without them a ReduceMean's output has no shape, nor anything after it."""
+    inputs = {i.name: k for k, i in enumerate(probe.graph.input)}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name not in inputs:
+            continue
+        try:
+            size = int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(
+                tensor.data_type).itemsize
+            if size > _LIGHT_BYTES:
+                continue
+            data = io.read_external(tensor, base_dir, None)
+        except (OSError, ValueError, TypeError, KeyError, OnnxrepError):
+            continue  # load_weights says what is wrong with it
+        probe.graph.initializer.append(onnx.TensorProto(
+            name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, raw_data=data))
+    kept = {t.name for t in probe.graph.initializer}
+    remaining = [i for i in probe.graph.input if i.name not in kept or i.name in {
+        v.name for v in model.graph.input}]
+    del probe.graph.input[:]
+    probe.graph.input.extend(remaining)
+
+
+def inferred_types(model: onnx.ModelProto, base_dir: Path | None = None
+                   ) -> tuple[list[onnx.ValueInfoProto], dict[str, Dims]]:
     """onnx shape inference from the graph inputs alone: the value_info it finds, and the
     shapes of the graph outputs. The declared shapes of the outputs are left out (a model may
     declare [1, ...] for a tensor that follows a dynamic batch), and so are the values of
-    overridable initializers (only their declared types are known)."""
+    overridable initializers (only their declared types are known). With `base_dir`, small
+    weights in external data are read for it (`_inline_small_external`)."""
     probe = shape_probe(model, _heavy)
+    if base_dir is not None:
+        _inline_small_external(probe, model, base_dir)
     for out in probe.graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
@@ -236,6 +311,32 @@ def _widens(const_shape: tuple[int, ...], other: gs.Tensor) -> bool:
     return any(c != 1 and c != d for c, d in zip(const_shape, tail, strict=True))
 
 
+def _feeds_gemm_fusion(tensor: gs.Tensor) -> bool:
+    """Is `tensor` a MatMul's output? A runtime fuses MatMul + Add into one Gemm (onnxruntime's
+    MatMulAddFusion): dropping a zero bias there would make the output slower than the input
+    (docs/DESIGN.md, normalize)."""
+    made = producer(tensor)
+    return made is not None and made.op == "MatMul"
+
+
+_UNBOUNDED = 2**62  # a Slice end at least this large takes an axis to its end, any size
+
+
+def _whole_slice(node: gs.Node) -> bool:
+    """A Slice (opset >= 10, inputs) from 0 to the end of each axis it names, step 1: every
+    element, for every input size (the dynamo exporter writes x[:, ...] as Slice(0, INT_MAX)
+    on axis 0, and shape inference then loses the batch name)."""
+    if len(node.inputs) < 3 or node.attrs:
+        return False
+    values = [constant_value(t) for t in node.inputs[1:]]
+    if any(v is None for v in values):
+        return False
+    starts, ends = values[0].reshape(-1), values[1].reshape(-1)
+    steps = values[3].reshape(-1) if len(values) > 3 else np.ones_like(starts)
+    return bool(starts.size and np.all(starts == 0) and np.all(ends >= _UNBOUNDED)
+                and np.all(steps == 1))
+
+
 def _noop_operand(node: gs.Node) -> gs.Tensor | None:
     """The operand that a node passes through unchanged, if it is a no-op."""
     if node.op == "Identity":
@@ -246,6 +347,8 @@ def _noop_operand(node: gs.Node) -> gs.Tensor | None:
             if training is None or bool(training):
                 return None
         return node.inputs[0]
+    if node.op == "Slice":
+        return node.inputs[0] if _whole_slice(node) else None
     neutral = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}.get(node.op)
     if neutral is None or len(node.inputs) != 2:
         return None
@@ -254,6 +357,8 @@ def _noop_operand(node: gs.Node) -> gs.Tensor | None:
         value = constant_value(node.inputs[const_idx])
         other = node.inputs[other_idx]
         if value is None or constant_value(other) is not None:
+            continue
+        if node.op == "Add" and _feeds_gemm_fusion(other):
             continue
         if value.size and np.all(value == neutral) and not _widens(value.shape, other):
             if other.dtype is not None and np.dtype(other.dtype) != value.dtype:
@@ -277,7 +382,7 @@ def remove_noops(graph: gs.Graph) -> int:
 def normalize(model: onnx.ModelProto, base_dir: Path | None = None) -> gs.Graph:
     """Import and normalize a model; the result is what the rules see. Its weights are numpy
     arrays of its own (external data read from `base_dir`): the model can be let go."""
-    value_info, output_shapes = inferred_types(model)
+    value_info, output_shapes = inferred_types(model, base_dir)
     original = list(model.graph.value_info)
     del model.graph.value_info[:]
     model.graph.value_info.extend(value_info)
@@ -293,7 +398,47 @@ def normalize(model: onnx.ModelProto, base_dir: Path | None = None) -> gs.Graph:
     fold_constants(graph)
     remove_noops(graph)
     unique_node_names(graph)
+    refresh_shapes(graph)
     return graph
+
+
+def refresh_shapes(graph: gs.Graph) -> int:
+    """Infer the dims again after folding, for the tensors the first inference could not
+    size: an exporter may compute a ReduceMean's axes (dynamo-noopt: a Reshape of a
+    Constant), which inference reads only as a constant, so the pooled tensor and all after
+    it had no dims until folding made the axes one. Tensors that have dims keep them (a
+    second opinion on a tensor inference did size is not needed, and the local checks cut
+    blocks by them). Large weights enter the probe without their bytes (no copy); returns how
+    many tensors got dims."""
+    missing = [t for t in graph.tensors().values()
+               if isinstance(t, gs.Variable) and t.inputs and t.shape is None]
+    if not missing or _has_subgraphs(graph):
+        return 0
+    held: list[tuple[gs.Constant, np.ndarray]] = []
+    for tensor in graph.tensors().values():
+        values = _plain_weight(tensor) if isinstance(tensor, gs.Constant) else None
+        if values is None or values.nbytes <= _LIGHT_BYTES:
+            continue
+        held.append((tensor, values))
+        gs_bridge.set_lazy_proto(tensor, onnx.TensorProto(
+            name=tensor.name, dims=values.shape,
+            data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype)))
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    except Exception:  # noqa: BLE001 - inference is an aid, never a requirement
+        return 0
+    finally:
+        for tensor, values in held:
+            tensor.values = values
+    value_info, _ = inferred_types(model)
+    found = {vi.name: _dims(vi) for vi in value_info}
+    filled = 0
+    for tensor in missing:
+        dims = found.get(tensor.name)
+        if dims is not None:
+            tensor.shape = dims
+            filled += 1
+    return filled
 
 
 _DETACH_BYTES = 1024  # weights from this size on travel as arrays beside the proto
@@ -374,8 +519,50 @@ def _has_subgraphs(graph: gs.Graph) -> bool:
     return any(isinstance(v, gs.Graph) for n in graph.nodes for v in n.attrs.values())
 
 
+def _sharing_key(tensor: gs.Constant) -> tuple | None:
+    """What two constants must have alike to be one tensor (dtype, shape, a few bytes; the
+    whole bytes are compared after), or None for a constant not held as an array."""
+    if gs_bridge.lazy_proto(tensor) is not None:
+        return None  # a type numpy lacks, kept as a proto: left as it is
+    values = tensor.values
+    if not isinstance(values, np.ndarray):
+        return None
+    flat = values.reshape(-1).view(np.uint8) if values.flags.c_contiguous else None
+    edges = b"" if flat is None else bytes(flat[:32]) + bytes(flat[-32:])
+    return (values.dtype.str, values.shape, edges)
+
+
+def share_identical_constants(graph: gs.Graph) -> int:
+    """Constants of the same dtype, shape and bytes become one tensor (the exporters write a
+    ReLU6's 0 and 6 once per node). Graph inputs (overridable defaults) and outputs keep their
+    own; a graph with subgraphs is left alone (a subgraph reads outer names). Returns how many
+    constants went."""
+    if _has_subgraphs(graph):
+        return 0
+    pinned = {id(t) for t in [*graph.inputs, *graph.outputs]}
+    kept: dict[tuple, list[gs.Constant]] = {}
+    shared = 0
+    for node in graph.nodes:
+        for tensor in list(node.inputs):
+            if not isinstance(tensor, gs.Constant) or id(tensor) in pinned:
+                continue
+            key = _sharing_key(tensor)
+            if key is None:
+                continue
+            same = kept.setdefault(key, [])
+            twin = next((k for k in same if k is tensor
+                         or k.values.tobytes() == tensor.values.tobytes()), None)
+            if twin is None:
+                same.append(tensor)
+            elif twin is not tensor:
+                redirect_consumers(graph, tensor, twin)
+                shared += 1
+    return shared
+
+
 def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
-    """Export a graph keeping the input model's IR version, opsets and model fields.
+    """Export a graph keeping the input model's IR version, opsets and model fields;
+    identical constants are written once (`share_identical_constants`).
 
     The large weights stay numpy arrays beside the proto (see SplitModel): the exporter sees
     them as data-less tensors, and no copy of their bytes is made. Intermediate shapes are
@@ -383,6 +570,7 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
     """
     declared = restore_overridable_inputs(graph)
     restore_declared_output_shapes(graph)
+    share_identical_constants(graph)
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and not any(
             tensor is t for t in graph.inputs + graph.outputs
@@ -418,5 +606,26 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
     del model.functions[:]
     model.functions.extend(like.functions)
     del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred_value_info(model))
+    model.graph.value_info.extend(_without_invented_symbols(inferred_value_info(model), model))
     return SplitModel(model, weights)
+
+
+def _without_invented_symbols(value_info: list[onnx.ValueInfoProto], model: onnx.ModelProto
+                              ) -> list[onnx.ValueInfoProto]:
+    """The value_info with the dim names that shape inference invented (unk__N) made plain
+    unknown dims. Inference has been seen to give one such name to dims of different sizes
+    (the elements of an uneven split into a sequence, LeViT's qkv in the dynamo-noopt
+    export), and onnxruntime plans its buffers by equal names: the fused model then failed to
+    run. The graph inputs' own names stay."""
+    own = {d.dim_param for vi in model.graph.input for d in vi.type.tensor_type.shape.dim
+           if d.HasField("dim_param")}
+    for vi in value_info:
+        kind = vi.type
+        while kind.HasField("sequence_type"):  # a sequence's element type has dims too
+            kind = kind.sequence_type.elem_type
+        if not kind.HasField("tensor_type"):
+            continue
+        for d in kind.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param not in own:
+                d.ClearField("dim_param")
+    return value_info

@@ -458,3 +458,25 @@ def test_a_refused_fold_does_not_hold_back_one_that_shares_only_a_weight() -> No
     result = normalized(model)
     assert op_counts(result.model) == Counter({"Conv": 1, "Expand": 1, "Add": 1})
     assert initializer_bytes(result.model) <= initializer_bytes(model)
+
+
+@pytest.mark.parametrize(("starts", "ends", "steps", "kept"), [
+    ([0], [np.iinfo(np.int64).max], [1], False),  # x[:, ...] as the dynamo exporter writes it
+    ([0], [2**62], None, False),
+    ([0], [5], [1], True),  # a crop at sizes above 5
+    ([1], [np.iinfo(np.int64).max], [1], True),
+    ([0], [np.iinfo(np.int64).max], [2], True),
+])
+def test_a_slice_of_whole_axes_is_a_noop(starts: list, ends: list, steps: list | None,
+                                          kept: bool) -> None:
+    i64 = np.int64
+    inputs = ["x", "starts", "ends", "axes"] + (["steps"] if steps is not None else [])
+    inits = [numpy_helper.from_array(np.array(v, i64), n) for n, v in
+             (("starts", starts), ("ends", ends), ("axes", [0]))]
+    if steps is not None:
+        inits.append(numpy_helper.from_array(np.array(steps, i64), "steps"))
+    nodes = [helper.make_node("Slice", inputs, ["s"], name="slice"),
+             helper.make_node("Relu", ["s"], ["y"], name="relu")]
+    model = make_model(nodes, [("x", ["N", 3, 4])], [("y", None)], inits)
+    result = normalized(model)
+    assert op_counts(result.model) == Counter({"Relu": 1, **({"Slice": 1} if kept else {})})

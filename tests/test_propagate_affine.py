@@ -262,3 +262,19 @@ def test_a_shared_consumer_weight_is_copied_within_the_growth_bound_only() -> No
     tight = fuse_model(model)  # default 1.05: a second 16x16 copy is +~80%
     assert op_counts(tight.model)["BatchNormalization"] == 1
     expect_refused(tight, RULE, "max-growth")
+
+
+def test_every_batchnorm_left_is_explained(tmp_path) -> None:  # noqa: ANN001
+    """The console says how many BNs stay; --explain and the JSON report give each a reason."""
+    import json
+
+    from tests.helpers import cli
+
+    path, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(fan_out("Relu"), str(path))
+    proc = cli("fuse", path, out, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "BatchNormalization left: 1 (--explain says why)" in proc.stdout
+    misses = json.loads(report.read_text())["near_misses"]
+    assert any(m["node"] == "bn" and m["rule"] == RULE and "Relu" in m["reason"]
+               for m in misses), misses

@@ -31,7 +31,11 @@ Preconditions (each refusal names the node and the path):
   1. the map is exact: facts.batchnorm_affine for a BN; for a Mul/Div/Add/Sub, a finite float
      constant operand that varies along one axis at most and never widens the data tensor, no
      zero divisor; an Add/Sub on the output of a Conv/Gemm/MatMul is that op's bias, not a map
-     to move (fold-affine and fold-bn own those);
+     to move (fold-affine and fold-bn own those); and the constant map's data input comes
+     from a linear op, a layout op or the graph input: a constant inside an activation or a
+     norm (GELU's 0.5, LayerNorm's gamma) stays, since runtimes fuse those patterns whole;
+  1b. a fold backward with nothing in between, which fold-bn or fold-affine own, is left to
+     them (so that --skip of one of them keeps the map);
   2. every layout op on the way passes the map exactly for every admitted shape
      (channel_axis.carried_axis: the channel axis provably stays one axis of size C; pools
      average real values only when c != 0);
@@ -69,7 +73,14 @@ from onnxrep.facts import (
     float_const,
     gemm_params,
 )
-from onnxrep.query import attr_ints, constant_value, conv_weight_bias, is_graph_output, producer
+from onnxrep.query import (
+    attr_ints,
+    constant_value,
+    conv_weight_bias,
+    input_symbols,
+    is_graph_output,
+    producer,
+)
 from onnxrep.rule import (
     Input,
     Match,
@@ -196,10 +207,24 @@ def _in_order(nodes: list[NewNode]) -> list[NewNode]:
     return ordered
 
 
-def _input_symbols(graph: gs.Graph) -> frozenset[str]:
-    """The symbolic dim names of the graph inputs: the only names that prove equal sizes
-    (channel_axis.reshaped_axis)."""
-    return frozenset(d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str))
+def _left_to_owner(plan: Plan) -> Refusal | None:
+    """A fold with nothing in between that a simpler rule owns (fold-bn, fold-affine,
+    fold-bn-forward run first): refused here, so that --skip of that rule keeps the map."""
+    if plan.layout or plan.readers or len(plan.linear) != 1:
+        return None
+    anchor, node = plan.match.anchor, plan.linear[0].node
+    bn = anchor.op == "BatchNormalization"
+    if plan.backward:
+        two_d = node.op != "MatMul" or (node.outputs[0].shape is not None
+                                         and len(node.outputs[0].shape) == 2)
+        owner = ("fold-bn" if bn and two_d else
+                 "fold-affine" if not bn and node.op == "Conv" and plan.linear[0].bias_add is None
+                 else None)
+    else:
+        owner = None  # fold-bn-forward asks more (a known 2-D input for a Gemm): not deferred
+    if owner is None:
+        return None
+    return Refusal(f"{anchor.name} folds into {node.name} directly: {owner}'s rewrite")
 
 
 def _fresh(nodes: Iterable[gs.Node]) -> dict[int, Input | gs.Tensor]:
@@ -221,6 +246,8 @@ class PropagateAffine:
     # the walk looks past the match's own tensors: another map folding further down the path
     # (NextViT's second BN after the pool) can make a refused map foldable
     cache_refusals = False
+    # a consumer whose weight another node shares gets a copy: the engine bounds the growth
+    copies_weights = True
 
     # -- match ----------------------------------------------------------------------------
     def match(self, graph: gs.Graph, node: gs.Node) -> AffineMatch | None:
@@ -233,13 +260,15 @@ class PropagateAffine:
         sides = (0,) if node.op == "Div" else (0, 1)
         for side in sides:
             x, operand = node.inputs[side], node.inputs[1 - side]
-            if constant_value(operand) is None or constant_value(x) is not None:
-                continue
-            if node.op in ("Add", "Sub"):
-                prod = producer(x)
-                if prod is not None and prod.op in LINEAR_OPS:
-                    return None  # a bias (precondition 1)
-            if sum(1 for s in constant_value(operand).shape if s != 1) > 1:
+            value = constant_value(operand)
+            if value is None or value.dtype.kind != "f" or constant_value(x) is not None:
+                continue  # shape arithmetic on integers, or constant folding's business
+            prod = producer(x)
+            if node.op in ("Add", "Sub") and prod is not None and prod.op in LINEAR_OPS:
+                return None  # a bias (precondition 1)
+            if prod is not None and prod.op not in (*LINEAR_OPS, *LAYOUT_OPS):
+                return None  # inside an activation or a norm (precondition 1)
+            if sum(1 for s in value.shape if s != 1) > 1:
                 return None  # not a per-channel map: not ours to explain
             return AffineMatch(node, [node], x, node.outputs[0], operand)
         return None
@@ -289,10 +318,10 @@ class PropagateAffine:
             return affine
         back = self._backward(graph, m, affine)
         if isinstance(back, Plan):
-            return back
+            return _left_to_owner(back) or back
         forward = self._forward(graph, m, affine)
         if isinstance(forward, Plan):
-            return forward
+            return _left_to_owner(forward) or forward
         return Refusal(f"{m.anchor.name} stays: not into a producer ({back.reason}); not into "
                        f"its consumers ({forward.reason})")
 
@@ -311,7 +340,7 @@ class PropagateAffine:
             if prod.op in LAYOUT_OPS and prod.inputs and prod.inputs[0] is not None:
                 axis = carried_axis(prod, axis, channels, forward=False,
                                     shifted=affine.shifted, positive=affine.positive,
-                                    trusted=_input_symbols(graph))
+                                    trusted=input_symbols(graph))
                 if isinstance(axis, Refusal):
                     return axis
                 layout.append(prod)
@@ -395,7 +424,7 @@ class PropagateAffine:
                         return Refusal(f"{route}: reads the map as a parameter")
                     nxt = carried_axis(reader, axis, channels, forward=True,
                                        shifted=affine.shifted, positive=affine.positive,
-                                       trusted=_input_symbols(graph))
+                                       trusted=input_symbols(graph))
                     if isinstance(nxt, Refusal):
                         return Refusal(f"{route}: {nxt.reason}")
                     layout.append(reader)
