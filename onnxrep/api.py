@@ -124,6 +124,7 @@ def fuse(
         del source
         gc.collect()  # gs's import leaves reference cycles that still point into the proto
     result = engine.run(graph, chosen, check_locally=verify, max_growth=max_growth)
+    graph_mod.drop_identities(graph)
     report.extra["weight_bytes"] = {"before": result.weight_bytes_before,
                                     "after": engine.weight_bytes(graph),
                                     "max_growth": max_growth}

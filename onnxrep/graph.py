@@ -367,6 +367,16 @@ def _noop_operand(node: gs.Node) -> gs.Tensor | None:
     return None
 
 
+def drop_identities(graph: gs.Graph) -> int:
+    """Remove the Identity nodes rules left (reshape-chain writes one where a Reshape did
+    nothing: a rule describes a replacement, so it cannot delete a node outright)."""
+    removed = sum(1 for node in list(graph.nodes)
+                  if node.op == "Identity" and bypass(graph, node, node.inputs[0]))
+    if removed:
+        graph.cleanup().toposort()
+    return removed
+
+
 def remove_noops(graph: gs.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):

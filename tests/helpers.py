@@ -36,7 +36,7 @@ NodeAndInits = tuple[onnx.NodeProto, list[TensorProto]]
 FLOAT = TensorProto.FLOAT
 # the rules that write canonical plain ops (not re-parameterization): a plain export goes
 # through them too before its op counts are compared with a fused training-time export
-CANONICAL = ["global-pool", "flatten"]
+CANONICAL = ["global-pool", "flatten", "reshape-chain"]
 
 
 def rand(*shape: int, seed: int = 0, dtype: Any = np.float32, low: float | None = None,

@@ -15,6 +15,7 @@ from onnxrep.rules.merge_parallel import MergeParallelBranches
 from onnxrep.rules.merge_sequential import MergeSequentialConvs
 from onnxrep.rules.propagate_affine import PropagateAffine
 from onnxrep.rules.remove_residual import RemoveResidual
+from onnxrep.rules.reshape_chain import CollapseReshapes
 from onnxrep.rules.rm_merge_pointwise import MergePointwisePair
 
 RULES: list[Rule] = [
@@ -28,6 +29,7 @@ RULES: list[Rule] = [
     # canonical plain ops (docs/RULES.md, global-pool and flatten): after the merges
     ReduceMeanToGlobalPool(),
     ReshapeToFlatten(),
+    CollapseReshapes(),
     # opt-in (--remove-residuals), after every merging rule:
     RemoveResidual(),
     MergePointwisePair(),
