@@ -33,12 +33,17 @@ lint:
 # summary ("fuzz: N graphs, M mismatches") printed and written to .fuzz/summary.txt.
 # FUZZ_SEED=<int> draws other graphs than the default (derandomized) ones.
 FUZZ_EXAMPLES ?= 12500
+# then random affine paths (tests/test_propagate_affine_fuzz.py): BN / constant maps through
+# random layout ops and pools into random consumers, with fan-out
+AFFINE_FUZZ_EXAMPLES ?= 5000
 FUZZ_SEED ?=
 fuzz:
 	rm -rf .fuzz/mismatches .fuzz/summary.txt
 	ONNXREP_FUZZ_MODE=campaign ONNXREP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ONNXREP_FUZZ_SEED=$(FUZZ_SEED) \
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz.py -k campaign; \
-		status=$$?; cat .fuzz/summary.txt 2>/dev/null; exit $$status
+		status=$$?; cat .fuzz/summary.txt 2>/dev/null; \
+	ONNXREP_AFFINE_FUZZ_EXAMPLES=$(AFFINE_FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_propagate_affine_fuzz.py || status=1; exit $$status
 
 # Benchmarks: latency of every models/ family (train / fused / plain) and conversion cost
 # against onnx load+save and onnxslim; writes bench/results.md and the README section.
