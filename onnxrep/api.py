@@ -125,6 +125,13 @@ def fuse(
         gc.collect()  # gs's import leaves reference cycles that still point into the proto
     result = engine.run(graph, chosen, check_locally=verify, max_growth=max_growth)
     graph_mod.drop_identities(graph)
+    if graph_mod.refresh_shapes(graph):
+        # the rewrites (reshape-chain above all) let inference name dims it could not before:
+        # the rules get one more look, so that fusing the output again applies nothing
+        again = engine.run(graph, chosen, check_locally=verify, max_growth=max_growth)
+        graph_mod.drop_identities(graph)
+        result.applied += again.applied
+        result.misses = again.misses
     report.extra["weight_bytes"] = {"before": result.weight_bytes_before,
                                     "after": engine.weight_bytes(graph),
                                     "max_growth": max_growth}

@@ -28,7 +28,13 @@ from onnxrep import gs_bridge, io
 from onnxrep.errors import OnnxrepError
 from onnxrep.folding import fold_constants
 from onnxrep.io import SplitModel, has_data, payload_bytes
-from onnxrep.query import constant_value, is_graph_input, is_graph_output, producer
+from onnxrep.query import (
+    constant_value,
+    input_symbols,
+    is_graph_input,
+    is_graph_output,
+    producer,
+)
 from onnxrep.surgery import bypass, redirect_consumers, replace_input
 
 gs_bridge.log_errors_only()
@@ -413,15 +419,17 @@ def normalize(model: onnx.ModelProto, base_dir: Path | None = None) -> gs.Graph:
 
 
 def refresh_shapes(graph: gs.Graph) -> int:
-    """Infer the dims again after folding, for the tensors the first inference could not
-    size: an exporter may compute a ReduceMean's axes (dynamo-noopt: a Reshape of a
-    Constant), which inference reads only as a constant, so the pooled tensor and all after
-    it had no dims until folding made the axes one. Tensors that have dims keep them (a
-    second opinion on a tensor inference did size is not needed, and the local checks cut
-    blocks by them). Large weights enter the probe without their bytes (no copy); returns how
-    many tensors got dims."""
+    """Infer the dims again, for the tensors an earlier inference could not size or gave a
+    made-up name (unk__N): after folding, an exporter's computed ReduceMean axes
+    (dynamo-noopt: a Reshape of a Constant) are a constant at last; after the rules, a
+    reshape pair that did nothing is gone and the batch name reaches the head again. A
+    tensor without dims takes the new ones; a made-up name is replaced only by a graph
+    input's own symbol (a static size in its place would change how the local checks cut
+    blocks, for no proof the rules need). Large weights enter the probe without their bytes
+    (no copy); returns how many tensors changed."""
     missing = [t for t in graph.tensors().values()
-               if isinstance(t, gs.Variable) and t.inputs and t.shape is None]
+               if isinstance(t, gs.Variable) and t.inputs and (t.shape is None or any(
+                   _made_up(d) for d in t.shape))]
     if not missing or _has_subgraphs(graph):
         return 0
     held: list[tuple[gs.Constant, np.ndarray]] = []
@@ -443,12 +451,27 @@ def refresh_shapes(graph: gs.Graph) -> int:
     value_info, _ = inferred_types(model)
     found = {vi.name: _dims(vi) for vi in value_info}
     filled = 0
+    own = input_symbols(graph)
     for tensor in missing:
         dims = found.get(tensor.name)
-        if dims is not None:
+        if dims is None:
+            continue
+        before = tensor.shape
+        if tensor.shape is None:
             tensor.shape = dims
-            filled += 1
+        elif len(dims) == len(tensor.shape):
+            # a made-up name becomes the graph input's own symbol where inference now finds it
+            # (and only that: a static size in its place would change how the local checks
+            # cut blocks, for no proof the rules need)
+            tensor.shape = [n if _made_up(d) and isinstance(n, str) and n in own else d
+                            for d, n in zip(tensor.shape, dims, strict=True)]
+        filled += tensor.shape != before
     return filled
+
+
+def _made_up(dim: object) -> bool:
+    """A dim name onnx shape inference invented (unk__N): it proves no equality."""
+    return isinstance(dim, str) and dim.startswith("unk__")
 
 
 _DETACH_BYTES = 1024  # weights from this size on travel as arrays beside the proto
