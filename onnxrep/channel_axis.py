@@ -100,6 +100,44 @@ def _known_output_dims(node: gs.Node, src: Dims) -> Dims | None:
     return [i if i is not None else o for i, o in zip(inferred, own, strict=True)]
 
 
+def merged_axis(node: gs.Node, axis: int, channels: int, forward: bool,
+                trusted: frozenset[str] = frozenset()) -> tuple[int, int] | None:
+    """For a reshape-like op that merges the channel axis with the static dims right after
+    it (BN -> pool to 2x2 -> Flatten -> Gemm): (j, S) when axis j of the other side has
+    C*S elements made of channel `ch` at indices ch*S .. ch*S + S - 1, so that the map there
+    is per-index along j with a and c each repeated S times (docs/RULES.md,
+    "propagate-affine"); None when the shapes do not prove it. Proof: the prefix products
+    before the channel axis and before j are equal (so the element counts after them are
+    too), and dim j is C times the product of the static dims after the channel axis up to
+    some m; then index i along j has ch = i // S."""
+    if node.op not in RESHAPES:
+        return None
+    in_dims = dims_of(node.inputs[0])
+    if in_dims is None:
+        return None
+    out_dims = _known_output_dims(node, list(in_dims))
+    if out_dims is None:
+        return None
+    src, dst = (list(in_dims), out_dims) if forward else (out_dims, list(in_dims))
+    src[axis] = channels
+    before = _product(src[:axis], trusted)
+    if before is None:
+        return None
+    for j, d in enumerate(dst):
+        if not _static(d) or int(d) % channels or int(d) == channels:
+            continue
+        tail, merged = int(d) // channels, 1
+        for m in range(axis + 1, len(src)):
+            if not _static(src[m]) or merged * int(src[m]) > tail:
+                break
+            merged *= int(src[m])
+            if merged == tail:
+                if before == _product(list(dst[:j]), trusted):
+                    return j, tail
+                break
+    return None
+
+
 def _output_dims(node: gs.Node, src: Dims) -> Dims | None:
     """What the op's own attributes and constant inputs say of its output dims, given the
     input dims `src` (None where they do not say): Flatten's two products, a constant Reshape
@@ -230,4 +268,4 @@ def carried_axis(node: gs.Node, axis: int | None, channels: int, forward: bool,
     return Refusal(f"{node.name} ({op}) is not a layout op an affine map passes")
 
 
-__all__ = ["LAYOUT_OPS", "SHAPE_READERS", "carried_axis", "reshaped_axis"]
+__all__ = ["LAYOUT_OPS", "SHAPE_READERS", "carried_axis", "merged_axis", "reshaped_axis"]

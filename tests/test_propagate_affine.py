@@ -276,3 +276,34 @@ def test_every_batchnorm_left_is_explained(tmp_path) -> None:  # noqa: ANN001
     misses = json.loads(report.read_text())["near_misses"]
     assert any(m["node"] == "bn" and m["rule"] == RULE and "Relu" in m["reason"]
                for m in misses), misses
+
+
+def test_a_flatten_that_merges_the_channel_axis_repeats_the_map() -> None:
+    """BN -> AveragePool to 2x2 -> Flatten -> Gemm: feature 4*ch + s of the Gemm's input is
+    channel ch, so the map reaches the Gemm with a and c each repeated 4 times."""
+    nodes, inits = chain(conv("conv", "x", rand(8, 3, 3, 3, seed=1), rand(8, seed=2),
+                              pads=[1, 1, 1, 1]))
+    nodes.append(node("Relu", ["conv_out"], ["r"], "relu"))
+    b, i = bn("bn", "r", 8)
+    nodes += [b, node("AveragePool", ["bn_out"], ["p"], "pool", kernel_shape=[4, 4],
+                      strides=[4, 4]),
+              node("Flatten", ["p"], ["f"], "flat"),
+              node("Gemm", ["f", "B", "Cb"], ["y"], "fc", transB=1)]
+    inits += i + [const("B", rand(5, 32, seed=3)), const("Cb", rand(5, seed=4))]
+    model = make_model(nodes, [("x", ["N", 3, 8, 8])], [("y", None)], inits)
+    result = fuse_model(model, input_shapes={"x": [2, 3, 8, 8]})
+    expect_fused(result, {"Conv": 1, "Relu": 1, "AveragePool": 1, "Flatten": 1, "Gemm": 1},
+                 {RULE: 1})
+
+
+def test_a_reshape_that_merges_the_channel_axis_with_the_batch_keeps_the_bn() -> None:
+    """[N, 4, 3, 5] -> Reshape [-1, 15] -> MatMul: rows mix batch and channel; the MatMul
+    contracts the spatial positions, not the channels."""
+    nodes, inits = chain(bn("bn", "x", 4))
+    nodes += [node("Reshape", ["bn_out", "rows"], ["r"], "rows"),
+              node("MatMul", ["r", "W"], ["y"], "mm")]
+    inits += [shape_const("rows", [-1, 15]), const("W", rand(15, 3, seed=3))]
+    model = make_model(nodes, [("x", ["N", 4, 3, 5])], [("y", None)], inits)
+    result = fuse_model(model, input_shapes={"x": [2, 4, 3, 5]})
+    expect_refused(result, RULE, "rows (Reshape)")
+    assert result.verified

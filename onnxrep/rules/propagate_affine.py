@@ -48,9 +48,13 @@ Preconditions (each refusal names the node and the path):
      2-D constant weight - each reached once; no tensor on the way is a graph output or read
      by anything else but Shape / Size;
   5. the channel counts agree with the weights.
+A reshape that merges the channel axis with the static dims after it (BN -> pool -> Flatten
+-> Gemm) carries the map on with a and c repeated (channel_axis.merged_axis); each consumer
+gets the map as it reaches it.
 Not handled: ConvTranspose as a consumer, MatMul with the map on its weight side or with
-batched weights, Slice / Split / Concat / Gather on the way, a padded Conv with a shift (a
-split into a scale and an Add would leave the Add where the BN was).
+batched weights, Slice / Split / Concat / Gather on the way, a reshape that merges the
+channel axis with the dims before it, a padded Conv with a shift (a split into a scale and an
+Add would leave the Add where the BN was).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep import kernels
-from onnxrep.channel_axis import LAYOUT_OPS, SHAPE_READERS, carried_axis
+from onnxrep.channel_axis import LAYOUT_OPS, SHAPE_READERS, carried_axis, merged_axis
 from onnxrep.facts import (
     GemmParams,
     batchnorm_affine,
@@ -130,6 +134,7 @@ class Linear:
     node: gs.Node
     bias_add: gs.Node | None = None  # MatMul: the Add(MatMul, bias) that follows, if any
     bias: np.ndarray | None = None  # its per-feature bias (float64)
+    affine: Affine | None = None  # the map as it reaches this op (a merging reshape repeats it)
 
 
 @dataclass
@@ -205,6 +210,25 @@ def _in_order(nodes: list[NewNode]) -> list[NewNode]:
     for node in nodes:
         visit(node)
     return ordered
+
+
+def _step(node: gs.Node, affine: Affine, forward: bool, trusted: frozenset[str]
+          ) -> Affine | Refusal:
+    """The map on the other side of a layout op: the same a and c along the carried axis,
+    or, where a reshape merges the channel axis with the static dims after it, a and c
+    repeated along the merged axis (channel_axis.merged_axis)."""
+    channels = affine.a.shape[0]
+    axis = carried_axis(node, affine.axis, channels, forward=forward, shifted=affine.shifted,
+                        positive=affine.positive, trusted=trusted)
+    if not isinstance(axis, Refusal):
+        return Affine(affine.a, affine.c, axis)
+    if affine.axis is None:
+        return axis
+    merged = merged_axis(node, affine.axis, channels, forward, trusted)
+    if merged is None:
+        return axis
+    j, repeat = merged
+    return Affine(np.repeat(affine.a, repeat), np.repeat(affine.c, repeat), j)
 
 
 def _left_to_owner(plan: Plan) -> Refusal | None:
@@ -326,10 +350,9 @@ class PropagateAffine:
                        f"its consumers ({forward.reason})")
 
     def _backward(self, graph: gs.Graph, m: AffineMatch, affine: Affine) -> Plan | Refusal:
-        channels = affine.a.shape[0]
         layout: list[gs.Node] = []
         readers: list[gs.Node] = []
-        tensor, reader, axis = m.x, m.anchor, affine.axis
+        tensor, reader = m.x, m.anchor
         while True:
             refusal = _other_readers(graph, tensor, reader, readers)
             if refusal:
@@ -338,18 +361,17 @@ class PropagateAffine:
             if prod is None:
                 return Refusal(f"{tensor.name} is a graph input")
             if prod.op in LAYOUT_OPS and prod.inputs and prod.inputs[0] is not None:
-                axis = carried_axis(prod, axis, channels, forward=False,
-                                    shifted=affine.shifted, positive=affine.positive,
-                                    trusted=input_symbols(graph))
-                if isinstance(axis, Refusal):
-                    return axis
+                affine = _step(prod, affine, False, input_symbols(graph))
+                if isinstance(affine, Refusal):
+                    return affine
                 layout.append(prod)
                 tensor, reader = prod.inputs[0], prod
                 continue
             break
-        linear = self._producer(graph, prod, tensor, axis, channels)
+        linear = self._producer(graph, prod, tensor, affine.axis, affine.a.shape[0])
         if isinstance(linear, Refusal):
             return linear
+        linear.affine = affine
         return Plan(m, affine, True, layout[::-1], readers, [linear])
 
     def _producer(self, graph: gs.Graph, prod: gs.Node, out: gs.Tensor, axis: int | None,
@@ -401,14 +423,13 @@ class PropagateAffine:
         return Linear(prod)
 
     def _forward(self, graph: gs.Graph, m: AffineMatch, affine: Affine) -> Plan | Refusal:
-        channels = affine.a.shape[0]
         layout: list[gs.Node] = []
         readers: list[gs.Node] = []
         linear: list[Linear] = []
         seen: set[int] = set()
-        todo: list[tuple[gs.Tensor, int | None, str]] = [(m.y, affine.axis, m.anchor.name)]
+        todo: list[tuple[gs.Tensor, Affine, str]] = [(m.y, affine, m.anchor.name)]
         while todo:
-            tensor, axis, path = todo.pop()
+            tensor, here, path = todo.pop()
             if is_graph_output(graph, tensor):
                 return Refusal(f"{path}: {tensor.name} is a graph output")
             for reader in tensor.outputs:
@@ -422,17 +443,16 @@ class PropagateAffine:
                 if reader.op in LAYOUT_OPS and reader.inputs[0] is tensor:
                     if any(t is tensor for t in reader.inputs[1:]):
                         return Refusal(f"{route}: reads the map as a parameter")
-                    nxt = carried_axis(reader, axis, channels, forward=True,
-                                       shifted=affine.shifted, positive=affine.positive,
-                                       trusted=input_symbols(graph))
+                    nxt = _step(reader, here, True, input_symbols(graph))
                     if isinstance(nxt, Refusal):
                         return Refusal(f"{route}: {nxt.reason}")
                     layout.append(reader)
                     todo.append((reader.outputs[0], nxt, route))
                     continue
-                found = self._consumer(graph, reader, tensor, axis, channels, affine)
+                found = self._consumer(graph, reader, tensor, here.axis, here.a.shape[0], here)
                 if isinstance(found, Refusal):
                     return Refusal(f"{route}: {found.reason}")
+                found.affine = here
                 linear.append(found)
         if not linear:
             return Refusal("nothing reads the map but Shape")
@@ -511,7 +531,7 @@ class PropagateAffine:
         # the map's input becomes its output
         renamed = _fresh([unit, *plan.layout])
         renamed[id(m.x)] = m.y
-        nodes = self._scaled_producer(lin, renamed[id(unit.outputs[0])], plan.affine)
+        nodes = self._scaled_producer(lin, renamed[id(unit.outputs[0])], lin.affine)
         nodes += [_copy(n, [renamed.get(id(t), t) for t in n.inputs],
                         [renamed[id(t)] for t in n.outputs]) for n in plan.layout]
         nodes += [_copy(r, [renamed.get(id(t), t) for t in r.inputs], r.outputs)
@@ -560,7 +580,7 @@ class PropagateAffine:
                         [out])]
 
     def _forward_nodes(self, plan: Plan) -> list[NewNode]:
-        m, affine = plan.match, plan.affine
+        m = plan.match
 
         # the tensors between the map and its consumers now hold unmapped values: new tensors
         renamed = _fresh(plan.layout)
@@ -574,7 +594,7 @@ class PropagateAffine:
                   for n in plan.layout]
         nodes += [_copy(r, [source(t) for t in r.inputs], r.outputs) for r in plan.readers]
         for lin in plan.linear:
-            node = lin.node
+            node, affine = lin.node, lin.affine
             x = source(node.inputs[0])
             if node.op == "Conv":
                 weight, bias = conv_weight_bias(node)
