@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep.facts import explicit_padding
-from onnxrep.query import attr_ints, constant_value, reduce_axes
+from onnxrep.query import attr_ints, constant_value, dims_of, reduce_axes
 from onnxrep.rule import Refusal
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -73,19 +73,6 @@ def reshaped_axis(src: Dims, axis: int, channels: int, dst: Dims,
         if (before is not None and before == _product(list(dst[:j]), trusted)) or (
                 after is not None and after == _product(list(dst[j + 1:]), trusted)):
             return j
-    return None
-
-
-def dims_of(tensor: gs.Tensor) -> Dims | None:
-    """A tensor's dims as inferred, or, for a tensor a rewrite created without a shape, as a
-    global pool computes them from its input's ([N, C, 1, ...])."""
-    if tensor.shape is not None:
-        return list(tensor.shape)
-    prod = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if prod is not None and prod.op in ("GlobalAveragePool", "GlobalMaxPool"):
-        src = dims_of(prod.inputs[0])
-        if src is not None and len(src) >= 2:
-            return [src[0], src[1]] + [1] * (len(src) - 2)
     return None
 
 

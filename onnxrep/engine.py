@@ -261,13 +261,14 @@ def weight_bytes(graph: gs.Graph) -> int:
     return sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
-def _growth(graph: gs.Graph, replacement: Replacement) -> int:
-    """Bytes a replacement adds to the weights: its new constants, less the constants that only
-    the removed nodes read (a weight shared with a node that stays is kept for it)."""
+def _growth(graph: gs.Graph, replacement: Replacement, weights: list[gs.Constant]) -> int:
+    """Bytes a replacement adds to the weights: its new constants, less those of `weights`
+    (the constants its removed nodes read) that only the removed nodes read (a weight shared
+    with a node that stays is kept for it)."""
     added = sum(t.values.nbytes for n in replacement.nodes for t in n.inputs
                 if isinstance(t, NewWeight))
     removed = {id(n) for n in replacement.removes}
-    freed = {id(t): t for t in _weights_read_by(replacement.removes)
+    freed = {id(t): t for t in weights
              if all(id(r) in removed for r in t.outputs) and not is_graph_output(graph, t)}
     return added - sum(t.values.nbytes for t in freed.values())
 
@@ -322,7 +323,8 @@ def run(
                     misses.append(Miss(rule.id, node.name, outcome.refusal.reason))
                     continue
                 accepted = outcome.replacement
-                growth = _growth(graph, accepted)
+                weights = _weights_read_by(accepted.removes)
+                growth = _growth(graph, accepted, weights)
                 if limit is not None and getattr(rule, "copies_weights", False) and (
                         growth > 0 and current_bytes + growth > limit):
                     misses.append(Miss(rule.id, node.name, (
@@ -330,7 +332,6 @@ def run(
                         f"--max-growth {max_growth:g} x {result.weight_bytes_before:,}")))
                     continue
                 current_bytes += growth
-                weights = _weights_read_by(accepted.removes)
                 was_read = [t for n in accepted.removes for t in n.inputs if t is not None]
                 touched = _tensors_of(accepted.removes) | {
                     id(t) for n in accepted.nodes for t in (*n.inputs, *n.outputs)

@@ -432,22 +432,10 @@ def refresh_shapes(graph: gs.Graph) -> int:
                    _made_up(d) for d in t.shape))]
     if not missing or _has_subgraphs(graph):
         return 0
-    held: list[tuple[gs.Constant, np.ndarray]] = []
-    for tensor in graph.tensors().values():
-        values = _plain_weight(tensor) if isinstance(tensor, gs.Constant) else None
-        if values is None or values.nbytes <= _LIGHT_BYTES:
-            continue
-        held.append((tensor, values))
-        gs_bridge.set_lazy_proto(tensor, onnx.TensorProto(
-            name=tensor.name, dims=values.shape,
-            data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype)))
     try:
-        model = gs.export_onnx(graph, do_type_check=False)
+        model, _ = _export_without_bytes(graph, _LIGHT_BYTES)
     except Exception:  # noqa: BLE001 - inference is an aid, never a requirement
         return 0
-    finally:
-        for tensor, values in held:
-            tensor.values = values
     value_info, _ = inferred_types(model)
     found = {vi.name: _dims(vi) for vi in value_info}
     filled = 0
@@ -593,6 +581,30 @@ def share_identical_constants(graph: gs.Graph) -> int:
     return shared
 
 
+def _export_without_bytes(graph: gs.Graph, light: int = -1
+                          ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """gs.export_onnx with every weight of more than `light` bytes written as a data-less
+    placeholder (its dims and dtype only; no copy of its bytes), and those weights by name.
+    A graph with subgraphs is exported whole: a subgraph may copy an outer weight into its
+    own scope."""
+    held: list[tuple[gs.Constant, np.ndarray]] = []
+    if not _has_subgraphs(graph):
+        for tensor in graph.tensors().values():
+            values = _plain_weight(tensor) if isinstance(tensor, gs.Constant) else None
+            if values is None or values.nbytes <= light:
+                continue
+            held.append((tensor, values))
+            gs_bridge.set_lazy_proto(tensor, onnx.TensorProto(
+                name=tensor.name, dims=values.shape,
+                data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype)))
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in held:
+            tensor.values = values
+    return model, {tensor.name: values for tensor, values in held}
+
+
 def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
     """Export a graph keeping the input model's IR version, opsets and model fields;
     identical constants are written once (`share_identical_constants`).
@@ -610,24 +622,7 @@ def export(graph: gs.Graph, like: onnx.ModelProto) -> SplitModel:
         ):
             tensor.shape = None
             tensor.dtype = None
-    weights: dict[str, np.ndarray] = {}
-    held: list[tuple[gs.Constant, np.ndarray]] = []
-    if not _has_subgraphs(graph):  # a subgraph may copy an outer weight into its own scope
-        for tensor in graph.tensors().values():
-            values = _plain_weight(tensor) if isinstance(tensor, gs.Constant) else None
-            if values is None:
-                continue
-            placeholder = onnx.TensorProto(
-                name=tensor.name, dims=values.shape,
-                data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
-            weights[tensor.name] = values
-            held.append((tensor, values))
-            gs_bridge.set_lazy_proto(tensor, placeholder)
-    try:
-        model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for tensor, values in held:
-            tensor.values = values
+    model, weights = _export_without_bytes(graph)
     declare_inputs(model, declared)
     model.ir_version = like.ir_version
     del model.opset_import[:]

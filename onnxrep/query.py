@@ -88,6 +88,29 @@ def reduce_axes(node: gs.Node) -> list[int] | None | Refusal:
     return attr_ints(node, "axes", []) if "axes" in node.attrs else None
 
 
+def matmul_of_bias(add: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
+    """Add(MatMul(x, W), bias) or Add(bias, MatMul(x, W)) -> (the MatMul, the bias tensor)."""
+    if len(add.inputs) != 2:
+        return None
+    for i in (0, 1):
+        mm = producer(add.inputs[i])
+        if mm is not None and mm.op == "MatMul" and constant_value(add.inputs[1 - i]) is not None:
+            return mm, add.inputs[1 - i]
+    return None
+
+
+def dims_of(tensor: gs.Tensor) -> list | None:
+    """A tensor's inferred dims; for a GlobalAveragePool output without them (a pool that a
+    rewrite wrote where shape inference saw no axes), its input's [N, C] and ones."""
+    if tensor.shape is not None:
+        return list(tensor.shape)
+    pool = producer(tensor)
+    if pool is not None and pool.op == "GlobalAveragePool" and pool.inputs[0].shape is not None:
+        dims = list(pool.inputs[0].shape)
+        return dims[:2] + [1] * (len(dims) - 2) if len(dims) >= 3 else None
+    return None
+
+
 def producers_first(nodes: list[gs.Node]) -> list[gs.Node]:
     """The nodes in an order where producers come first (the engine sorts the whole graph
     only at the end of a pass)."""

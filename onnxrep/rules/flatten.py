@@ -40,7 +40,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxrep.batchwise import BATCH, shape_in_batch
-from onnxrep.query import constant_value, input_symbols, producer, producers_first
+from onnxrep.query import constant_value, dims_of, input_symbols, producer, producers_first
 from onnxrep.rule import Match, NewNode, Refusal, Replacement
 
 _MAX_SHAPE_NODES = 16
@@ -85,18 +85,6 @@ def _shape_subgraph(shape: gs.Tensor) -> tuple[list[gs.Node], list[gs.Tensor]] |
     return order, list(sources.values())
 
 
-def _dims(x: gs.Tensor) -> list | None:
-    """x's inferred dims; for a GlobalAveragePool's output without them (a pool global-pool
-    wrote where shape inference saw no axes), its input's [N, C] and ones."""
-    if x.shape is not None:
-        return list(x.shape)
-    pool = producer(x)
-    if pool is not None and pool.op == "GlobalAveragePool" and pool.inputs[0].shape is not None:
-        dims = list(pool.inputs[0].shape)
-        return dims[:2] + [1] * (len(dims) - 2) if len(dims) >= 3 else None
-    return None
-
-
 def _static_product(dims: list) -> int | None:
     if not all(isinstance(d, (int, np.integer)) for d in dims):
         return None
@@ -119,7 +107,7 @@ class ReshapeToFlatten:
         node = m.reshape
         x, shape = node.inputs
         # 1. a known rank >= 2
-        dims = _dims(x)
+        dims = dims_of(x)
         if dims is None or len(dims) < 2:
             return Refusal(f"{node.name} reads '{x.name}' of shape {x.shape}: not a known "
                            "rank >= 2")

@@ -47,7 +47,7 @@ from onnxrep.facts import (
     gemm_params,
     sole_consumer,
 )
-from onnxrep.query import constant_value, conv_weight_bias, producer
+from onnxrep.query import constant_value, conv_weight_bias, matmul_of_bias, producer
 from onnxrep.rule import (
     Match,
     NewNode,
@@ -110,17 +110,6 @@ class MatMulBnPlan:
 BnPlan = ConvBnPlan | GemmBnPlan | MatMulBnPlan
 
 
-def _matmul_of(add: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
-    """Add(MatMul(x, W), bias) or Add(bias, MatMul(x, W)) -> (the MatMul, the bias tensor)."""
-    if len(add.inputs) != 2:
-        return None
-    for i in (0, 1):
-        mm = producer(add.inputs[i])
-        if mm is not None and mm.op == "MatMul" and constant_value(add.inputs[1 - i]) is not None:
-            return mm, add.inputs[1 - i]
-    return None
-
-
 class FoldBatchNormIntoProducer:
     id = "fold-bn"
     summary = "BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul(+Add) before it"
@@ -138,7 +127,7 @@ class FoldBatchNormIntoProducer:
         if prod.op == "MatMul":
             return MatMulBnMatch(node, [prod, node], node, prod, None, None)
         if prod.op == "Add":
-            found = _matmul_of(prod)
+            found = matmul_of_bias(prod)
             if found is not None:
                 return MatMulBnMatch(node, [found[0], prod, node], node, found[0], prod, found[1])
         return None

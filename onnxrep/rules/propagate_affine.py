@@ -83,6 +83,7 @@ from onnxrep.query import (
     conv_weight_bias,
     input_symbols,
     is_graph_output,
+    matmul_of_bias,
     producer,
 )
 from onnxrep.rule import (
@@ -379,19 +380,17 @@ class PropagateAffine:
         """The linear op that computes `out` with output channels on `axis` (precondition 3)."""
         rank = None if out.shape is None else len(out.shape)
         if prod.op == "Add":
-            for side in (0, 1):
-                mm = producer(prod.inputs[side]) if len(prod.inputs) == 2 else None
-                if mm is not None and mm.op == "MatMul":
-                    weight = _matmul_weight(mm)
-                    if isinstance(weight, Refusal):
-                        return weight
-                    found = _matmul_bias(graph, mm, weight.shape[1])
-                    if found is not None and found[0] is prod:
-                        linear = self._producer(graph, mm, mm.outputs[0], axis, channels)
-                        if isinstance(linear, Refusal):
-                            return linear
-                        return Linear(mm, prod, found[1])
-            return Refusal(f"{prod.name} (Add) is not a MatMul's bias")
+            found = matmul_of_bias(prod)
+            weight = None if found is None else _matmul_weight(found[0])
+            if isinstance(weight, Refusal):
+                return weight
+            bias = None if weight is None else _matmul_bias(graph, found[0], weight.shape[1])
+            if bias is None or bias[0] is not prod:
+                return Refusal(f"{prod.name} (Add) is not a MatMul's bias")
+            linear = self._producer(graph, found[0], found[0].outputs[0], axis, channels)
+            if isinstance(linear, Refusal):
+                return linear
+            return Linear(found[0], prod, bias[1])
         if prod.op not in LINEAR_OPS:
             return Refusal(f"{out.name} comes from {prod.name} ({prod.op}), not a linear op")
         if prod.op in ("Conv", "ConvTranspose"):
