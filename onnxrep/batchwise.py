@@ -36,7 +36,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxrep.query import attr_ints, attr_str, constant_value, optional_input
+from onnxrep.query import (
+    attr_ints,
+    attr_str,
+    constant_value,
+    optional_input,
+    producer,
+    producers_first,
+)
 from onnxrep.rule import Refusal
 
 BATCH = "N"  # the batch axis in a value's dims
@@ -572,3 +579,34 @@ def shape_in_batch(u: gs.Tensor, order: Sequence[gs.Node], batch: int | str,
         else:
             return Refusal(f"{u.name} holds {a}*{batch} + {b}")
     return entries
+
+
+MAX_SHAPE_NODES = 16  # a target shape computed by more nodes is not read
+
+
+def shape_subgraph(shape: gs.Tensor) -> tuple[list[gs.Node], list[gs.Tensor]] | Refusal:
+    """The nodes computing `shape` back to constants and Shape nodes (producers first), and
+    the tensors those Shape nodes read."""
+    nodes: dict[int, gs.Node] = {}
+    sources: dict[int, gs.Tensor] = {}
+    todo = [shape]
+    while todo:
+        tensor = todo.pop()
+        if constant_value(tensor) is not None:
+            continue
+        node = producer(tensor)
+        if node is None:
+            return Refusal(f"the target shape '{shape.name}' reads '{tensor.name}', which is "
+                           "not computed from shapes and constants")
+        if id(node) in nodes:
+            continue
+        nodes[id(node)] = node
+        if len(nodes) > MAX_SHAPE_NODES:
+            return Refusal(f"the target shape '{shape.name}' takes more than "
+                           f"{MAX_SHAPE_NODES} nodes to compute")
+        if node.op == "Shape":
+            sources[id(node.inputs[0])] = node.inputs[0]
+            continue
+        todo.extend(t for t in node.inputs if t is not None and t.name)
+    order = producers_first(list(nodes.values()))
+    return order, list(sources.values())

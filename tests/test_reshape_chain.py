@@ -88,3 +88,53 @@ def test_a_reshape_to_its_own_shape_writing_a_graph_output_goes() -> None:
     result = fuse_model(model, input_shapes={"x": [3, 16, 8]})
     expect_fused(result, {"Relu": 1}, {RULE: 1})
     assert [o.name for o in result.model.graph.output] == ["y"]
+
+
+def _batch_shape(source: str, rest: list[int]) -> tuple[list[onnx.NodeProto], list]:
+    """Concat(Shape(source)[0:1], rest): the dynamo-noopt export's computed view shape."""
+    nodes = [node("Shape", [source], ["s_full"], "shape_of", start=0, end=1),
+             node("Concat", ["s_full", "rest"], ["s"], "cat", axis=0)]
+    return nodes, [shape_const("rest", rest)]
+
+
+def test_a_computed_shape_equal_but_for_one_entry_goes() -> None:
+    """LeViT dynamo-noopt once its BN is folded: Reshape(t, [N, 16, 8]) with N the graph
+    input's batch and t [B', 16, 8] where B' is a name inference made up: whatever B' is, the
+    element count makes it N, so the Reshape keeps t's shape (all other entries match)."""
+    shape_nodes, inits = _batch_shape("x", [16, 8])
+    nodes = [node("Relu", ["x"], ["x1"], "pre"),
+             node("Reshape", ["x1", "flat"], ["f"], "flatten_lose_batch"),
+             node("MatMul", ["f", "w"], ["t0"], "mm"),
+             node("Reshape", ["t0", "back"], ["t"], "back_lose_batch"),
+             *shape_nodes,
+             node("Reshape", ["t", "s"], ["y"], "view", allowzero=1),
+             node("Relu", ["y"], ["out"], "post")]
+    inits += [shape_const("flat", [-1, 8]), shape_const("back", [-1, 16, 8]),
+              const("w", np.eye(8))]
+    model = make_model(nodes, [("x", ["N", 16, 8])], [("out", None)], inits)
+    result = fuse_model(model, input_shapes={"x": [3, 16, 8]})
+    assert result.verified
+    assert "view" not in {n.name for n in result.model.graph.node}
+
+
+def test_a_computed_shape_with_a_zero_sized_entry_stays() -> None:
+    """[B, 0, 8] -> Reshape([C, 0, 8]) with C the batch of another input: zero elements either
+    way, so the free entry is not tied to B and the shape changes."""
+    shape_nodes, inits = _batch_shape("u", [0, 8])
+    nodes = [node("Relu", ["x"], ["t"], "pre"), *shape_nodes,
+             node("Reshape", ["t", "s"], ["y"], "view", allowzero=1),
+             node("Relu", ["y"], ["out"], "post")]
+    model = make_model(nodes, [("x", ["B", 0, 8]), ("u", ["C", 3])], [("out", None)], inits)
+    result = fuse_model(model, input_shapes={"x": [2, 0, 8], "u": [5, 3]}, verify=False)
+    expect_refused(result, RULE, "does not provably keep")
+
+
+def test_a_computed_shape_that_differs_in_a_static_entry_stays() -> None:
+    shape_nodes, inits = _batch_shape("x", [8, 16])
+    nodes = [node("Relu", ["x"], ["t"], "pre"), *shape_nodes,
+             node("Reshape", ["t", "s"], ["y"], "view"),
+             node("Relu", ["y"], ["out"], "post")]
+    model = make_model(nodes, [("x", ["N", 16, 8])], [("out", None)], inits)
+    result = fuse_model(model, input_shapes={"x": [3, 16, 8]})
+    expect_refused(result, RULE, "does not provably keep")
+    assert result.verified

@@ -39,11 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxrep.batchwise import BATCH, shape_in_batch
-from onnxrep.query import constant_value, dims_of, input_symbols, producer, producers_first
+from onnxrep.batchwise import BATCH, shape_in_batch, shape_subgraph
+from onnxrep.query import constant_value, dims_of, input_symbols
 from onnxrep.rule import Match, NewNode, Refusal, Replacement
-
-_MAX_SHAPE_NODES = 16
 
 
 @dataclass
@@ -55,34 +53,6 @@ class ReshapeMatch(Match):
 class FlattenPlan:
     match: ReshapeMatch
     why: str
-
-
-def _shape_subgraph(shape: gs.Tensor) -> tuple[list[gs.Node], list[gs.Tensor]] | Refusal:
-    """The nodes computing `shape` back to constants and Shape nodes (producers first), and
-    the tensors those Shape nodes read."""
-    nodes: dict[int, gs.Node] = {}
-    sources: dict[int, gs.Tensor] = {}
-    todo = [shape]
-    while todo:
-        tensor = todo.pop()
-        if constant_value(tensor) is not None:
-            continue
-        node = producer(tensor)
-        if node is None:
-            return Refusal(f"the target shape '{shape.name}' reads '{tensor.name}', which is "
-                           "not computed from shapes and constants")
-        if id(node) in nodes:
-            continue
-        nodes[id(node)] = node
-        if len(nodes) > _MAX_SHAPE_NODES:
-            return Refusal(f"the target shape '{shape.name}' takes more than "
-                           f"{_MAX_SHAPE_NODES} nodes to compute")
-        if node.op == "Shape":
-            sources[id(node.inputs[0])] = node.inputs[0]
-            continue
-        todo.extend(t for t in node.inputs if t is not None and t.name)
-    order = producers_first(list(nodes.values()))
-    return order, list(sources.values())
 
 
 def _static_product(dims: list) -> int | None:
@@ -123,7 +93,7 @@ class ReshapeToFlatten:
             if isinstance(batch, str) and batch not in input_symbols(graph):
                 return Refusal(f"{node.name}: dim 0 of '{x.name}' is '{batch}', a name onnx "
                                "shape inference made up, which proves no equality")
-            found = _shape_subgraph(shape)
+            found = shape_subgraph(shape)
             if isinstance(found, Refusal):
                 return found
             order, sources = found

@@ -22,12 +22,16 @@ Preconditions:
      the outer Reshape has allowzero=1, or s is Shape(t) of the inner op's own input t (its
      entries are t's dims; a 0 among them means t is empty, and so is every tensor here);
   identity
-  3. s is Shape(t) of t itself (no start/end), or a constant of t's rank whose entries are
-     t's static dims at their positions, 0 (allowzero=0: copies the dim), and at most one
-     -1 (the others equal, the element count leaves it t's own dim);
+  3. s is Shape(t) of t itself (no start/end), or has t's rank and, entry by entry, matches
+     t's dims (the same static size, a 0 copying the dim with allowzero=0, the same
+     graph-input symbol) at all places but at most one; that one is -1, or any other value
+     when the matched dims are static and non-zero: the element count then makes it t's dim
+     whenever the Reshape runs. s is a constant, or computed by batchwise's arithmetic from
+     constants and the shapes of tensors that share their dim 0 (LeViT's dynamo-noopt
+     `view(B, N, C)` of a tensor whose batch onnx inference could not name);
   4. y is not a graph output read straight from a graph input (the Identity would stay).
-Not handled: computed shapes other than Shape(t) (their entries could be 0 at run time), a
-Flatten as the outer op.
+Not handled: computed shapes the arithmetic cannot read, a collapse onto a computed shape
+with allowzero=0 (its entries could be 0 at run time), a Flatten as the outer op.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxrep.batchwise import BATCH, shape_in_batch, shape_subgraph
 from onnxrep.channel_axis import RESHAPES
-from onnxrep.query import constant_value, is_graph_output, producer
+from onnxrep.query import constant_value, input_symbols, is_graph_output, producer
 from onnxrep.rule import Match, NewNode, Refusal, Replacement
 
 
@@ -61,24 +66,62 @@ def _is_shape_of(shape: gs.Tensor, t: gs.Tensor) -> bool:
             and "start" not in node.attrs and "end" not in node.attrs)
 
 
-def _keeps_shape(node: gs.Node, t: gs.Tensor) -> str | None:
-    """Why Reshape(t, s) gives t's own shape for every admitted size, or None."""
+def _target_entries(shape: gs.Tensor) -> list[int | str] | None:
+    """The entries of a Reshape's target shape: ints where known, and for a shape computed
+    from the shapes of tensors that share their dim 0 (batchwise's arithmetic), that dim
+    (its symbol, or its size) where an entry is exactly it; None when it cannot be read."""
+    value = constant_value(shape)
+    if value is not None:
+        return [int(v) for v in value] if value.ndim == 1 else None
+    found = shape_subgraph(shape)
+    if isinstance(found, Refusal):
+        return None
+    order, sources = found
+    batches = {tuple(s.shape or [None])[:1] for s in sources}
+    if len(batches) != 1 or not next(iter(batches)):
+        return None
+    (batch,) = batches.pop()
+    if not isinstance(batch, (str, int, np.integer)) or batch == "":
+        return None
+    entries = shape_in_batch(shape, order, batch, sources)
+    if isinstance(entries, Refusal):
+        return None
+    return [batch if e == BATCH else e for e in entries]
+
+
+def _keeps_shape(graph: gs.Graph, node: gs.Node, t: gs.Tensor) -> str | None:
+    """Why Reshape(t, s) gives t's own shape for every admitted size, or None.
+
+    Each entry of s either provably equals t's dim at its place (the same static size, a 0
+    that copies it with allowzero=0, the same graph-input symbol), or is free (-1, or a
+    computed entry such as another tensor's batch). With no free entry the shapes are equal;
+    with one, the element count fixes it to t's dim whenever the Reshape runs. A -1 beside a
+    zero-sized dim cannot be inferred (the Reshape fails, onnxruntime and the ONNX reference
+    alike); a computed free entry beside one fits any value, so it needs the matched dims
+    static and non-zero."""
     shape = node.inputs[1]
     if _is_shape_of(shape, t):
         return f"to Shape({t.name})"
-    target = constant_value(shape)
-    if target is None or t.shape is None or target.ndim != 1 or len(target) != len(t.shape):
+    entries = _target_entries(shape)
+    if entries is None or t.shape is None or len(entries) != len(t.shape):
         return None
     allowzero = int(node.attrs.get("allowzero", 0))
-    free = 0
-    for value, dim in zip((int(v) for v in target), t.shape, strict=True):
-        if value == -1:
+    own = input_symbols(graph)
+    free, computed_free, may_be_zero = 0, False, False
+    for value, dim in zip(entries, t.shape, strict=True):
+        static = int(dim) if isinstance(dim, (int, np.integer)) else None
+        if value == 0 and not allowzero:
+            may_be_zero |= static is None or static == 0  # copies the dim
+        elif isinstance(value, (int, np.integer)) and value >= 0 and static == value:
+            may_be_zero |= static == 0
+        elif isinstance(value, str) and value == dim and value in own:
+            may_be_zero = True  # a symbol's size may be 0
+        else:
             free += 1
-        elif value == 0 and not allowzero:
-            continue  # copies the dim
-        elif not (isinstance(dim, (int, np.integer)) and int(dim) == value):
-            return None
-    return f"to {[int(v) for v in target]}, the shape of {t.name}" if free <= 1 else None
+            computed_free |= value != -1
+    if free > 1 or (computed_free and may_be_zero):
+        return None
+    return f"to {entries}, the shape of {t.name}"
 
 
 class CollapseReshapes:
@@ -97,7 +140,7 @@ class CollapseReshapes:
 
     def check(self, graph: gs.Graph, m: ReshapeMatch) -> ReshapePlan | Refusal:
         node, t = m.reshape, m.reshape.inputs[0]
-        why = _keeps_shape(node, t)
+        why = _keeps_shape(graph, node, t)
         if why is not None:
             if is_graph_output(graph, node.outputs[0]) and producer(t) is None:
                 return Refusal(f"{node.name} maps a graph input to a graph output")
