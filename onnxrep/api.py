@@ -132,6 +132,15 @@ def fuse(
         graph_mod.drop_identities(graph)
         result.applied += again.applied
         result.misses = again.misses
+    if fitting:
+        # the target's own layouts, once the plain rules are done (they would not read them)
+        from onnxrep.rules import TARGET_RULES
+
+        for_target = TARGET_RULES.get(target, [])
+        if for_target:
+            fitted = engine.run(graph, for_target, check_locally=verify)
+            result.applied += fitted.applied
+            result.misses += fitted.misses
     report.extra["weight_bytes"] = {"before": result.weight_bytes_before,
                                     "after": engine.weight_bytes(graph),
                                     "max_growth": max_growth}

@@ -259,12 +259,15 @@ def bench(src: Path, fused: Path | None, runs: int, warmup: int, threads: tuple[
 @_one_line_errors
 def rules() -> int:
     """List the rules in the order they run."""
-    from onnxrep.rules import RULES
+    from onnxrep.rules import RULES, TARGET_RULES
 
-    width = max(len(r.id) for r in RULES)
+    for_target = [(rule, target) for target, rules in TARGET_RULES.items() for rule in rules]
+    width = max(len(r.id) for r in [*RULES, *(r for r, _ in for_target)])
     for rule in RULES:
         tag = "  (opt-in: --remove-residuals)" if getattr(rule, "opt_in", False) else ""
         click.echo(f"{rule.id:<{width}}  {rule.summary}{tag}")
+    for rule, target in for_target:
+        click.echo(f"{rule.id:<{width}}  {rule.summary}  (--target {target} only)")
     return 0
 
 

@@ -10,6 +10,7 @@ from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
 from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
 from onnxrep.rules.fold_bn_forward import FoldBatchNormIntoNextConv
 from onnxrep.rules.global_pool import ReduceMeanToGlobalPool
+from onnxrep.rules.matmul_weight_layout import TransposedMatMulWeight
 from onnxrep.rules.merge_concat import MergeConcatenatedConvs
 from onnxrep.rules.merge_parallel import MergeParallelBranches
 from onnxrep.rules.merge_sequential import MergeSequentialConvs
@@ -35,4 +36,10 @@ RULES: list[Rule] = [
     MergePointwisePair(),
 ]
 
-__all__ = ["RULES"]
+# Run after RULES for `--target T` only: layouts one runtime's converter prefers and the
+# others would fold back (docs/DESIGN.md, "Targets").
+TARGET_RULES: dict[str, list[Rule]] = {
+    "openvino": [TransposedMatMulWeight()],
+}
+
+__all__ = ["RULES", "TARGET_RULES"]
