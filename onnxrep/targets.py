@@ -30,7 +30,9 @@ What `fit_to_target` does, each step exact (the whole model is then verified lik
      initializers that remain are those the ONNX spec types as int64 (a Reshape's shape, axes,
      pads, split, starts/ends): they are not weights and no runtime needs them changed.
   2. opset: `onnxrep.opset.convert` to the target's opset (or `opset`): ReduceMean's axes input
-     becomes the attribute below 18, and so on (see that module).
+     becomes the attribute below 18, and so on (see that module). The target's default is a
+     preference: an op with no exact form there keeps the model's opset, with a warning;
+     an `opset` asked for is an error then.
   3. ops: one warning per op type the target runs only through a fallback.
 A spatial ReduceMean becomes a GlobalAveragePool in the rules (global-pool), before this step.
 """
@@ -87,12 +89,13 @@ TARGETS: dict[str, Target] = {
         "8.x parsers take opset <= 17 and ignore a ReduceMean axes input before 10.0; INT64 "
         "is cast down to INT32"),
     "ncnn": Target(
-        "ncnn", None, MIN_OPSET,
+        "ncnn", 17, MIN_OPSET,
         {"Erf": "no ncnn layer: runs only where pnnx fuses the GELU pattern around it",
          "Shape": _NO_BATCH, "Gather": _NO_BATCH, "Squeeze": _NO_BATCH,
          "Unsqueeze": _NO_BATCH, "BatchNormalization": "kept as a layer (not folded into a "
                                                        "Conv by onnxrep)"},
-        "through pnnx; fp32 weights need pnnx fp16=0"),
+        "through pnnx; fp32 weights need pnnx fp16=0; opset 17: pnnx reads a one-element "
+        "axes input of ReduceMean-18 as an int and ncnn's Reduction then reduces nothing"),
     "mnn": Target("mnn", None, MIN_OPSET, {}, "MNN converter, every op of the list"),
     "tflite": Target(
         "tflite", None, MIN_OPSET,
@@ -208,5 +211,13 @@ def fit_to_target(model: onnx.ModelProto, target: str, opset: int | None
     OnnxrepError (one line) for an opset out of range or an op with no exact form there."""
     version = target_opset(model, target, opset)
     fitted = constant_shapes(model)
-    fitted = opset_mod.convert(fitted, version)
-    return fitted, op_warnings(fitted, target)
+    try:
+        converted = opset_mod.convert(fitted, version)
+    except OnnxrepError as exc:
+        if opset is not None or version == opset_mod.model_opset(fitted):
+            raise
+        # the target's default opset is a preference (docs/DESIGN.md, "Targets"): keep the
+        # model's own, and say why
+        return fitted, [f"opset {version} ({get_target(target).name}'s default) not written: "
+                        f"{exc}", *op_warnings(fitted, target)]
+    return converted, op_warnings(converted, target)

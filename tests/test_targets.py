@@ -215,6 +215,7 @@ def test_target_table_and_opsets() -> None:
                                     "ncnn", "mnn", "tflite"}
     relu = CASES["Relu"]
     assert targets.target_opset(relu, "tensorrt", None) == 17
+    assert targets.target_opset(relu, "ncnn", None) == 17  # pnnx misreads ReduceMean-18
     assert targets.target_opset(relu, "openvino", None) == 18
     assert targets.target_opset(relu, "openvino", 14) == 14
     for bad in (12, 19):
@@ -222,6 +223,30 @@ def test_target_table_and_opsets() -> None:
             targets.target_opset(relu, "tensorrt", bad)
     with pytest.raises(OnnxrepError, match="unknown target"):
         targets.get_target("coreml")
+
+
+def test_a_single_axis_reduce_mean_for_ncnn_gets_its_axes_as_the_attribute() -> None:
+    """pnnx reads a one-element axes input of ReduceMean-18 as a plain int and ncnn's
+    Reduction then reduces nothing (LeViT's token mean: wrong shape, every form); opset 17
+    writes the axes as the attribute, which pnnx reads right."""
+    model = _one("ReduceMean", [("x", ["N", 16, 32]), "axes"], [("y", None)],
+                 [_i64("axes", [1])], keepdims=0)
+    fitted, warnings = targets.fit_to_target(model, "ncnn", None)
+    assert opset_mod.model_opset(fitted) == 17 and warnings == []
+    (reduce,) = fitted.graph.node
+    assert len(reduce.input) == 1 and [a.ints for a in reduce.attribute if a.name == "axes"]
+
+
+def test_a_default_opset_with_no_exact_form_keeps_the_model_opset_and_warns() -> None:
+    """The default opset of a target is a preference: a model with an op that has no exact
+    form there keeps its own opset and says why; an --opset asked for is an error."""
+    model = make_model([node("Split", ["x"], ["a", "b"], axis=0, num_outputs=2)],
+                       [("x", ["N", 4])], [("a", None), ("b", None)])
+    fitted, warnings = targets.fit_to_target(model, "ncnn", None)
+    assert opset_mod.model_opset(fitted) == 18
+    assert any("opset 17" in w and "num_outputs" in w for w in warnings), warnings
+    with pytest.raises(OnnxrepError, match="num_outputs"):
+        targets.fit_to_target(model, "ncnn", 17)
 
 
 def test_op_warnings_name_each_op_once() -> None:
