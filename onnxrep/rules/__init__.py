@@ -5,6 +5,7 @@ BN folds backwards into its producer before it folds forwards into a consumer.
 """
 
 from onnxrep.rule import Rule
+from onnxrep.rules.depthwise_multiplier import WidenIntoDepthwise
 from onnxrep.rules.flatten import ReshapeToFlatten
 from onnxrep.rules.fold_affine import FoldChannelAffineIntoConv
 from onnxrep.rules.fold_bn import FoldBatchNormIntoProducer
@@ -18,6 +19,7 @@ from onnxrep.rules.propagate_affine import PropagateAffine
 from onnxrep.rules.remove_residual import RemoveResidual
 from onnxrep.rules.reshape_chain import CollapseReshapes
 from onnxrep.rules.rm_merge_pointwise import MergePointwisePair
+from onnxrep.rules.split_sequence import SequenceToSplit
 
 RULES: list[Rule] = [
     FoldBatchNormIntoProducer(),
@@ -31,6 +33,7 @@ RULES: list[Rule] = [
     ReduceMeanToGlobalPool(),
     ReshapeToFlatten(),
     CollapseReshapes(),
+    SequenceToSplit(),
     # opt-in (--remove-residuals), after every merging rule:
     RemoveResidual(),
     MergePointwisePair(),
@@ -40,6 +43,7 @@ RULES: list[Rule] = [
 # others would fold back (docs/DESIGN.md, "Targets").
 TARGET_RULES: dict[str, list[Rule]] = {
     "openvino": [TransposedMatMulWeight()],
+    "mnn": [WidenIntoDepthwise()],
 }
 
 __all__ = ["RULES", "TARGET_RULES"]

@@ -48,7 +48,7 @@ class LayoutPlan:
 
 class TransposedMatMulWeight:
     id = "matmul-weight-layout"
-    summary = "a MatMul's constant [in, out] weight as Transpose([out, in]) (--target openvino)"
+    summary = "a MatMul's constant [in, out] weight as Transpose([out, in])"
     anchors = ("MatMul",)
     opt_in = True
 
