@@ -36,6 +36,9 @@ FUZZ_EXAMPLES ?= 12500
 # then random affine paths (tests/test_propagate_affine_fuzz.py): BN / constant maps through
 # random layout ops and pools into random consumers, with fan-out
 AFFINE_FUZZ_EXAMPLES ?= 5000
+# and random reshape / transpose chains (tests/test_shape_names_fuzz.py): the dims onnxrep writes
+# and the reshapes it removes, checked at batch 1, 2, 3 and 5
+SHAPE_FUZZ_EXAMPLES ?= 5000
 FUZZ_SEED ?=
 fuzz:
 	rm -rf .fuzz/mismatches .fuzz/summary.txt
@@ -43,7 +46,9 @@ fuzz:
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz.py -k campaign; \
 		status=$$?; cat .fuzz/summary.txt 2>/dev/null; \
 	ONNXREP_AFFINE_FUZZ_EXAMPLES=$(AFFINE_FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/test_propagate_affine_fuzz.py || status=1; exit $$status
+		--hypothesis-show-statistics tests/test_propagate_affine_fuzz.py || status=1; \
+	ONNXREP_SHAPE_FUZZ_EXAMPLES=$(SHAPE_FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_shape_names_fuzz.py || status=1; exit $$status
 
 # Benchmarks: latency of every models/ family (train / fused / plain) and conversion cost
 # against onnx load+save and onnxslim; writes bench/results.md and the README section.

@@ -46,7 +46,16 @@ from onnxrep.query import (
 )
 from onnxrep.rule import Refusal
 
-BATCH = "N"  # the batch axis in a value's dims
+
+class _Batch:
+    """The batch axis in a value's dims: an object of its own, which no dim name (a graph
+    input's symbol may well be called "N") can equal."""
+
+    def __repr__(self) -> str:
+        return "N"
+
+
+BATCH = _Batch()
 _WHOLE = 2**62  # a Slice of the batch axis must end at or past this (torch writes INT64_MAX)
 
 Dims = tuple  # ints, and BATCH at the batch axis (at most once)

@@ -12,7 +12,16 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from tests.helpers import cli, const, expect_fused, expect_refused, fuse_model, make_model, node
+from tests.helpers import (
+    cli,
+    const,
+    expect_fused,
+    expect_refused,
+    fuse_model,
+    make_model,
+    node,
+    op_counts,
+)
 
 RULE = "flatten"
 I64 = TensorProto.INT64
@@ -139,3 +148,19 @@ def test_export_head_is_pool_and_flatten(form: str, exported: dict, tmp_path: Pa
     counts = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     expected = {"Conv": 1, "Relu": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
     assert counts == Counter({k: v for k, v in expected.items() if v}), counts
+
+
+def test_a_dim_named_like_the_batch_marker_is_not_taken_for_the_batch() -> None:
+    """x[N, 1] -> Transpose -> t[1, N] -> Reshape(Concat(Shape(x)[0:1], [-1])) is [N, 1], not
+    Flatten(t) = [1, N]: x's dim literally named "N" once compared equal to the shape
+    arithmetic's batch marker (found by tests/test_shape_names_fuzz.py)."""
+    nodes = [node("Transpose", ["x"], ["t"], "swap", perm=[1, 0]),
+             node("Shape", ["x"], ["n"], "shape_of", start=0, end=1),
+             node("Concat", ["n", "rest"], ["s"], "cat", axis=0),
+             node("Reshape", ["t", "s"], ["y"], "view"),
+             node("Relu", ["y"], ["out"], "post")]
+    model = make_model(nodes, [("x", ["N", 1])], [("out", None)],
+                       [const("rest", np.array([-1]), np.int64)])
+    result = fuse_model(model, input_shapes={"x": [3, 1]})
+    assert result.verified
+    assert "Flatten" not in op_counts(result.model)

@@ -138,3 +138,19 @@ def test_a_computed_shape_that_differs_in_a_static_entry_stays() -> None:
     result = fuse_model(model, input_shapes={"x": [3, 16, 8]})
     expect_refused(result, RULE, "does not provably keep")
     assert result.verified
+
+
+def test_a_dim_named_like_the_batch_marker_is_not_taken_for_the_batch() -> None:
+    """x[N, 4] -> Transpose -> [4, N]; the target Concat(Shape(.)[1:2], [4]) is [N, 4]. The
+    shape arithmetic's batch there is the static 4, and a graph-input dim literally named "N"
+    once compared equal to its batch marker: the target read as [4, 4], the Reshape was
+    removed, and the output came out [4, N] (found by tests/test_shape_names_fuzz.py)."""
+    nodes = [node("Transpose", ["x"], ["t"], "swap", perm=[1, 0]),
+             node("Shape", ["t"], ["n"], "shape_of", start=1, end=2),
+             node("Concat", ["n", "four"], ["s"], "cat", axis=0),
+             node("Reshape", ["t", "s"], ["y"], "view", allowzero=1),
+             node("Relu", ["y"], ["out"], "post")]
+    model = make_model(nodes, [("x", ["N", 4])], [("out", None)], [shape_const("four", [4])])
+    result = fuse_model(model, input_shapes={"x": [2, 4]})
+    assert result.verified
+    assert "view" in {n.name for n in result.model.graph.node}
