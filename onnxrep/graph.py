@@ -181,13 +181,76 @@ def inferred_types(model: onnx.ModelProto, base_dir: Path | None = None
         kept = [t for t in probe.graph.initializer if t.name not in overridable]
         del probe.graph.initializer[:]
         probe.graph.initializer.extend(kept)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference is an aid, never a requirement
-        log.debug("shape inference failed: %s", exc)
+    inferred = None
+    for _ in range(_SEED_ROUNDS):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+        except Exception as exc:  # noqa: BLE001 - inference is an aid, never a requirement
+            log.debug("shape inference failed: %s", exc)
+            break
+        seeds = _reshape_symbols(inferred)
+        if not seeds:
+            break
+        probe.graph.value_info.extend(seeds)  # onnx starts from them and carries them on
+    if inferred is None:
         return [], {}
     return (list(inferred.graph.value_info),
             {out.name: _dims(out) for out in inferred.graph.output})
+
+
+_SEED_ROUNDS = 16  # inference runs; each names the Reshapes the names of the last one reach
+
+
+def _reshape_symbols(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The outputs of constant-shape Reshapes whose one -1 entry onnx inference left unnamed
+    (or gave a made-up name),
+    where the element count proves it is a graph input's own symbol S: the input's dims are
+    static but for one S, and the static product of the input equals that of the target
+    (0 entries copy the input's static dims). S * P = free * P with P > 0, so free = S.
+    onnx does not divide symbols; the dynamo exporter writes a view's shape as a constant with
+    -1 for the batch, and without the name runtimes lose fusions that need equal shapes
+    (onnxruntime's Conv + Add on NextViT's residuals)."""
+    g = model.graph
+    symbols = {d.dim_param for i in g.input for d in i.type.tensor_type.shape.dim
+               if d.dim_param}
+    dims = {vi.name: _dims(vi) for vi in [*g.input, *g.value_info]}
+    constants = {t.name: t for t in g.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant"
+                      and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    seeds = []
+    for node in g.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(
+                node.input) != 2 or node.input[1] not in constants:
+            continue
+        out = dims.get(node.output[0])
+        x = dims.get(node.input[0])
+        target = [int(v) for v in onnx.numpy_helper.to_array(constants[node.input[1]]).ravel()]
+        if out is None or x is None or len(out) != len(target) or target.count(-1) != 1:
+            continue
+        free = target.index(-1)
+        if out[free] is not None and not _made_up(out[free]):
+            continue  # static, or named by inference from a graph input already
+        named = [d for d in x if not isinstance(d, int)]
+        if len(named) != 1 or named[0] not in symbols:
+            continue
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        entries = []
+        for k, v in enumerate(target):
+            if v == 0 and not allowzero:
+                if k >= len(x) or not isinstance(x[k], int):
+                    break
+                v = x[k]
+            entries.append(v)
+        else:
+            static_x = int(np.prod([d for d in x if isinstance(d, int)], dtype=np.int64))
+            static_target = int(np.prod([v for k, v in enumerate(entries) if k != free],
+                                        dtype=np.int64))
+            if static_target > 0 and static_x == static_target:
+                elem = next(vi for vi in g.value_info if vi.name == node.output[0])
+                shape = [named[0] if k == free else d for k, d in enumerate(out)]
+                seeds.append(onnx.helper.make_tensor_value_info(
+                    node.output[0], elem.type.tensor_type.elem_type, shape))
+    return seeds
 
 
 def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -124,3 +124,38 @@ def test_node_doc_strings_stay_short() -> None:
     assert merged.doc_string.endswith("; 23 input nodes")
     assert len(merged.doc_string) < 80
 
+
+
+def _written_dims(model: onnx.ModelProto, name: str) -> list:
+    (info,) = [v for v in model.graph.value_info if v.name == name]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in info.type.tensor_type.shape.dim]
+
+
+def test_a_constant_view_with_minus_one_keeps_the_batch_name() -> None:
+    """The dynamo export's `view` with a constant [-1, 64, 32]: onnx inference does not divide
+    N*2048 by 2048, so the batch name was lost from there on (NextViT: onnxruntime then could
+    not fuse a residual Add into its Conv, 61 .ort nodes against the plain model's 59). The
+    element count proves the -1 is N; a second view carries it on."""
+    nodes = [node("Reshape", ["x", "s1"], ["v1"], "view1"),
+             node("Relu", ["v1"], ["r1"], "relu1"),
+             node("Reshape", ["r1", "s2"], ["v2"], "view2", allowzero=1),
+             node("Relu", ["v2"], ["out"], "relu2")]
+    inits = [const("s1", np.array([-1, 64, 32]), np.int64),
+             const("s2", np.array([-1, 8, 8, 32]), np.int64)]
+    model = make_model(nodes, [("x", ["N", 8, 8, 32])], [("out", None)], inits)
+    result = fuse_model(model, input_shapes={"x": [2, 8, 8, 32]})
+    assert result.verified
+    assert _written_dims(result.model, "v1") == ["N", 64, 32]
+    assert _written_dims(result.model, "r1") == ["N", 64, 32]
+    assert _written_dims(result.model, "v2") == ["N", 8, 8, 32]
+
+
+def test_a_view_whose_static_parts_differ_names_nothing() -> None:
+    """[N, 6, 4] -> [-1, 8]: the -1 is 3N, not N - no name is written for it."""
+    nodes = [node("Reshape", ["x", "s"], ["v"], "view"), node("Relu", ["v"], ["out"], "relu")]
+    model = make_model(nodes, [("x", ["N", 6, 4])], [("out", None)],
+                       [const("s", np.array([-1, 8]), np.int64)])
+    result = fuse_model(model, input_shapes={"x": [2, 6, 4]})
+    assert result.verified
+    assert _written_dims(result.model, "v")[0] in (None, "")
