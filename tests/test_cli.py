@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import onnxrep
 from onnxrep import kernels, local_check
 from onnxrep.cli import main
-from onnxrep.rules import RULES
+from onnxrep.rules import RULES, TARGET_RULES
 from tests.helpers import (
     assert_one_line_error,
     binary,
@@ -169,7 +169,9 @@ def test_rules_command_lists_every_rule_in_order() -> None:
     proc = cli("rules")
     assert proc.returncode == 0
     ids = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert ids == [r.id for r in RULES]
+    targeted = [r.id for rules in TARGET_RULES.values() for r in rules]
+    assert ids == [r.id for r in RULES] + targeted
+    assert all(f"--target {t} only" in proc.stdout for t in TARGET_RULES)
     assert "fold-bn" in ids and "fold-affine" in ids and "fold-bn-forward" in ids
 
 
