@@ -29,6 +29,8 @@ from models.repvgg import repvgg_a0, repvgg_b3, repvgg_net  # noqa: E402
 from onnxrep.bench import compare_latency  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "40"))
+# and on until each model has run this long (a 30-microsecond model: thousands of runs)
+MIN_SECONDS = float(os.environ.get("BENCH_MIN_SECONDS", "0.5"))
 RM_FAMILIES = {"resnet18", "resnet50", "mobilenetv2", "preact_resnet"}  # fused with RM
 
 
@@ -62,12 +64,13 @@ def latency_rows(tmp: Path) -> list[str]:
         export(train(), shape, src, form)
         export(plain(), shape, ref, form)
         fused = onnxrep.fuse(src, verify=False, remove_residuals=name in RM_FAMILIES).fused
-        vs_train = compare_latency(src, fused, threads=1, runs=RUNS)
-        vs_plain = compare_latency(ref, fused, threads=1, runs=RUNS)
+        vs_train = compare_latency(src, fused, threads=1, runs=RUNS, min_seconds=MIN_SECONDS)
+        vs_plain = compare_latency(ref, fused, threads=1, runs=RUNS, min_seconds=MIN_SECONDS)
         # never slower than the input: the plain export itself through onnxrep (nothing to
         # re-parameterize, only normalization and canonical ops) against that same export
         plain_fused = onnxrep.fuse(ref, verify=False, remove_residuals=name in RM_FAMILIES).fused
-        vs_input = compare_latency(ref, plain_fused, threads=1, runs=RUNS)
+        vs_input = compare_latency(ref, plain_fused, threads=1, runs=RUNS,
+                                   min_seconds=MIN_SECONDS)
         rows.append(f"| {name} | {'x'.join(map(str, shape[1:]))} | {vs_train.median_ms_a:.3f} | "
                     f"{vs_train.median_ms_b:.3f} | {vs_plain.median_ms_a:.3f} | "
                     f"{vs_train.ratio:.2f} | {vs_plain.ratio:.2f} | {vs_input.ratio:.2f} |")
@@ -151,7 +154,8 @@ def main() -> None:
     text = "\n".join([
         head, "",
         "**Inference latency** (onnxruntime CPU, graph optimizations on, 1 thread, medians of "
-        f"{RUNS} alternating runs; train = TorchScript export with do_constant_folding=False, "
+        f"alternating runs, at least {RUNS} and at least {MIN_SECONDS} s per model; "
+        "train = TorchScript export with do_constant_folding=False, "
         "dynamo for OREPA; ResNets and MobileNetV2 fused with --remove-residuals, against "
         "their RMNet plain form; fused vs input = the plain export through onnxrep against "
         "that export, median ratio, <= 1.00 means never slower):",

@@ -35,8 +35,10 @@ def _iqr(values: list[float]) -> float:
 
 def compare_latency(a: ModelRef, b: ModelRef, threads: int = 1, runs: int = 50,
                     warmup: int = 5, input_shapes: dict[str, list[int]] | None = None,
-                    seed: int = 0) -> Timing:
-    """Median latency (ms) of `a` and `b` on the same inputs, runs alternating."""
+                    seed: int = 0, min_seconds: float = 0.0, max_runs: int = 20000) -> Timing:
+    """Median latency (ms) of `a` and `b` on the same inputs, runs alternating: `runs` pairs,
+    and more until each model has run `min_seconds` in all (at most `max_runs` pairs), so
+    that a model of a few microseconds gets enough runs for its median to mean something."""
     sess_a = session(a, threads=threads, optimize=True, spin=True)
     sess_b = session(b, threads=threads, optimize=True, spin=True)
     feeds = random_inputs(sess_a, input_shapes, seed)
@@ -44,7 +46,8 @@ def compare_latency(a: ModelRef, b: ModelRef, threads: int = 1, runs: int = 50,
         sess_a.run(None, feeds)
         sess_b.run(None, feeds)
     times_a, times_b = [], []
-    for _ in range(max(runs, 4)):
+    while len(times_a) < max(runs, 4) or (
+            len(times_a) < max_runs and min(sum(times_a), sum(times_b)) < min_seconds * 1e3):
         start = time.perf_counter()
         sess_a.run(None, feeds)
         times_a.append((time.perf_counter() - start) * 1e3)
