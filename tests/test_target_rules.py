@@ -94,3 +94,38 @@ def test_levit_on_openvino_has_no_more_layers_than_the_plain_export(form: str,
                                              {"input": list(family.input_shape)})
     assert fused.passed and plain_check.passed
     assert fused.layers <= plain_check.layers, (fused.layers, plain_check.layers)
+
+
+def _conv_groups(model: onnx.ModelProto) -> list[tuple[int, int, int]]:
+    """(group, weight out channels, weight in channels per group) of every Conv."""
+    weights = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            dims = weights[n.input[1]].dims
+            out.append((group, dims[0], dims[1]))
+    return out
+
+
+@pytest.mark.torch
+def test_mobilenetv2_for_mnn_has_no_conv_between_grouped_and_depthwise(tmp_path: Path) -> None:
+    """Residual removal leaves MobileNetV2's first block with a Conv of 2 outputs per input
+    channel (group 8, weight [16, 1, 3, 3]), which MNN splits into 17 layers; for --target
+    mnn it becomes depthwise (group 16) with the stem Conv's channels repeated."""
+    from models.export import export
+    from models.registry import FAMILIES
+
+    family = FAMILIES["mobilenetv2"]
+    src = tmp_path / "train.onnx"
+    export(family.build_train(), family.input_shape, src, "ts-folded")
+    kinds = {}
+    for target in ("onnxruntime", "mnn"):
+        out = tmp_path / f"{target}.onnx"
+        proc = cli("fuse", src, out, "-q", "--remove-residuals", "--target", target)
+        assert proc.returncode == 0, proc.stderr
+        kinds[target] = {"dense" if g == 1 else "depthwise" if w_in == 1 and g == w_out
+                         else "multiplier" for g, w_out, w_in in
+                         _conv_groups(onnx.load(str(out)))}
+    assert kinds["onnxruntime"] == {"dense", "depthwise", "multiplier"}
+    assert kinds["mnn"] == {"dense", "depthwise"}
