@@ -7,6 +7,10 @@ same random inputs at several sizes and in several value regimes; a difference p
 tolerance refuses the rewrite, naming the rule, so a rule bug costs one fusion, not a wrong
 model. It is cheap: one block, at small sizes where the model leaves sizes free.
 
+Shapes as inputs: an integer boundary input computed from Shape nodes (batchwise's
+shape_subgraph: a Reshape's target built from Shape(x)) joins both sides with its
+computation, and the tensors the Shape nodes read become boundary inputs instead.
+
 Values: a boundary input the rule proved non-negative upstream (the precondition of residual
 removal, `Replacement.nonnegative_inputs`) gets the absolute values of each regime: the block
 is only claimed equal on the inputs it can receive.
@@ -21,7 +25,8 @@ tensor) take sizes of both parities (stride-2 alignment differs with the parity)
 value for the same axis on every boundary input - and first, where one input's static dims
 fix a size another leaves free, that size. A size at which the *removed* block does not
 run is not one the model admits there: it is skipped. When no size runs, or the block cannot
-be cut out (a subgraph attribute, a non-float or unknown-rank input, a custom domain), the
+be cut out (a subgraph attribute, a non-float input other than a shape computation, an
+unknown-rank input, a custom domain), the
 rewrite is applied unchecked and the report says why; the whole-model verification still runs.
 
 This is sampling, not a proof: a rewrite that is wrong only at sizes or values not tried here
@@ -38,11 +43,12 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from onnxrep.batchwise import shape_subgraph
 from onnxrep.errors import first_line
 from onnxrep.graph import shape_probe
 from onnxrep.io import payload_bytes
 from onnxrep.query import attr_str
-from onnxrep.rule import NewNode, NewValue, NewWeight, Replacement
+from onnxrep.rule import NewNode, NewValue, NewWeight, Refusal, Replacement
 from onnxrep.verify import REGIMES, compare_outputs, random_tensor, regime_scale, session
 
 _LIGHT_BYTES = 4096  # shape inference reads the dims of weights larger than this, not bytes
@@ -104,6 +110,41 @@ class _Block:
                 self.inputs.append(t)
         self.names: dict[int, str] = {}
         self.weights: list[onnx.TensorProto] = []
+        self.prefix: list[gs.Node] = []  # shape computations both sides run first
+        self._pull_shape_computations()
+
+    def _pull_shape_computations(self) -> None:
+        """An integer boundary input computed from shapes (a Reshape's target built from
+        Shape(x): the dynamo export's views) cannot take random values: its computation
+        joins both sides of the block, and the tensors its Shape nodes read become inputs
+        (their dims follow the sizes tried, so the target follows them as in the model)."""
+        inputs: list[gs.Tensor] = []
+        for t in self.inputs:
+            if np.dtype(t.dtype or np.float32).kind == "f":
+                inputs.append(t)
+                continue
+            found = shape_subgraph(t)
+            if isinstance(found, Refusal):
+                raise Unchecked(f"{t.name} is not floating point")
+            order, sources = found
+            known = {id(n) for n in self.prefix}
+            for n in order:
+                if id(n) not in known:
+                    self.prefix.append(n)
+                for i in n.inputs:
+                    if isinstance(i, gs.Constant):
+                        self.constants[i.name] = i
+            for source in sources:
+                if isinstance(source, gs.Constant):
+                    self.constants[source.name] = source
+                elif np.dtype(source.dtype or np.float32).kind != "f":
+                    raise Unchecked(f"{t.name} is not floating point")
+                else:
+                    inputs.append(source)
+        unique: dict[int, gs.Tensor] = {}
+        for t in inputs:
+            unique.setdefault(id(t), t)
+        self.inputs = list(unique.values())
 
     def name_of(self, t: object) -> str:
         if isinstance(t, gs.Tensor):
@@ -136,14 +177,18 @@ class _Block:
         model.ir_version = min(model.ir_version, 10)
         return model
 
+    @staticmethod
+    def _protos(nodes: list[gs.Node]) -> list[onnx.NodeProto]:
+        return _with_attrs([helper.make_node(
+            n.op, [t.name if t is not None else "" for t in n.inputs],
+            [t.name for t in n.outputs], name=n.name or n.op, domain=n.domain or "")
+            for n in nodes], nodes)
+
     def before(self) -> list[onnx.NodeProto]:
-        return [helper.make_node(n.op, [t.name if t is not None else "" for t in n.inputs],
-                                 [t.name for t in n.outputs], name=n.name or n.op,
-                                 domain=n.domain or "")
-                for n in self.replacement.removes]
+        return self._protos([*self.prefix, *self.replacement.removes])
 
     def after(self) -> list[onnx.NodeProto]:
-        return [self._new_node(n) for n in self.replacement.nodes]
+        return self._protos(self.prefix) + [self._new_node(n) for n in self.replacement.nodes]
 
     def _new_node(self, n: NewNode) -> onnx.NodeProto:
         node = helper.make_node(n.op, [self.name_of(t) for t in n.inputs],
@@ -234,7 +279,7 @@ def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalChec
         for t in block.inputs:
             if np.dtype(t.dtype or np.float32).kind != "f":
                 raise Unchecked(f"{t.name} is not floating point")
-        before_nodes = _with_attrs(block.before(), replacement.removes)
+        before_nodes = block.before()
         after_nodes = block.after()
         symbolic = {t.name: list(t.shape) if t.shape is not None else None for t in block.inputs}
         plans = []

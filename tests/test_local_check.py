@@ -121,3 +121,45 @@ def test_checks_are_reported_per_rewrite(shape: list) -> None:
     (applied,) = result.applied
     assert applied.checked.startswith("checked: ")
     assert applied.as_dict()["checked"] == applied.checked
+
+
+def _computed_view(shape: list) -> gs.Graph:
+    """x -> Relu -> r -> Reshape(r, Concat(Shape(x)[0:1], [-1])) -> y -> Sigmoid: the
+    dynamo export's flatten, whose shape input is an integer tensor computed from a shape."""
+    import numpy as np
+
+    nodes = [node("Relu", ["x"], ["r"], "relu"),
+             node("Shape", ["x"], ["s0"], "shape_of", start=0, end=1),
+             node("Concat", ["s0", "rest"], ["s"], "cat", axis=0),
+             node("Reshape", ["r", "s"], ["y"], "view"),
+             node("Sigmoid", ["y"], ["out"], "sig")]
+    from tests.helpers import const
+
+    model = make_model(nodes, [("x", shape)], [("out", None)],
+                       [const("rest", np.array([-1]), np.int64)])
+    return graph_mod.normalize(model)
+
+
+def test_a_block_reading_a_computed_shape_is_checked_with_its_shape_computation() -> None:
+    """The shape input is computed from Shape(x): the block is cut out with that computation
+    (x becomes its input), not left unchecked for reading an integer tensor."""
+    graph = _computed_view(["N", 4, 3, 3])
+    right = Rewrites("view-to-flatten", "Reshape",
+                     lambda n: NewNode("Flatten", n.name, [n.inputs[0]], [n.outputs[0]],
+                                       {"axis": 1}))
+    result = engine.run(graph, [right], check_locally=True)
+    (applied,) = result.applied
+    assert applied.checked.startswith("checked: "), applied.checked
+
+
+def test_a_wrong_rewrite_of_a_computed_shape_block_is_refused() -> None:
+    """Flatten(axis=2) keeps the batch for [N, 4, 3, 3] only by accident of nothing: the
+    local check, now able to cut the block out, refuses it."""
+    graph = _computed_view(["N", 4, 3, 3])
+    wrong = Rewrites("view-to-flatten2", "Reshape",
+                     lambda n: NewNode("Flatten", n.name, [n.inputs[0]], [n.outputs[0]],
+                                       {"axis": 2}))
+    result = engine.run(graph, [wrong], check_locally=True)
+    assert result.applied == []
+    (miss,) = result.misses
+    assert miss.reason.startswith("local check failed, rewrite not applied"), miss.reason
