@@ -1,5 +1,5 @@
 """depthwise-multiplier: Conv(group g, weight [k*g, 1, ..]) after Conv P -> depthwise Conv
-(group k*g) after P with each output channel repeated k times (target mnn)."""
+(group k*g) after P with each output channel repeated k times."""
 
 from __future__ import annotations
 

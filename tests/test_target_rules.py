@@ -109,10 +109,11 @@ def _conv_groups(model: onnx.ModelProto) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.torch
-def test_mobilenetv2_for_mnn_has_no_conv_between_grouped_and_depthwise(tmp_path: Path) -> None:
+def test_mobilenetv2_has_no_conv_between_grouped_and_depthwise(tmp_path: Path) -> None:
     """Residual removal leaves MobileNetV2's first block with a Conv of 2 outputs per input
-    channel (group 8, weight [16, 1, 3, 3]), which MNN splits into 17 layers; for --target
-    mnn it becomes depthwise (group 16) with the stem Conv's channels repeated."""
+    channel (group 8, weight [16, 1, 3, 3]), which MNN splits into 17 layers and onnxruntime
+    runs outside its NCHWc kernels; it becomes depthwise (group 16) with the stem Conv's
+    channels repeated, for every target."""
     from models.export import export
     from models.registry import FAMILIES
 
@@ -127,5 +128,6 @@ def test_mobilenetv2_for_mnn_has_no_conv_between_grouped_and_depthwise(tmp_path:
         kinds[target] = {"dense" if g == 1 else "depthwise" if w_in == 1 and g == w_out
                          else "multiplier" for g, w_out, w_in in
                          _conv_groups(onnx.load(str(out)))}
-    assert kinds["onnxruntime"] == {"dense", "depthwise", "multiplier"}
-    assert kinds["mnn"] == {"dense", "depthwise"}
+    # onnxruntime too: its NCHWc kernels take depthwise Convs only (the multiplier Conv ran
+    # 4-6% slower than the RMNet plain form; with the rule 3% faster)
+    assert kinds["onnxruntime"] == kinds["mnn"] == {"dense", "depthwise"}

@@ -34,6 +34,8 @@ RULES: list[Rule] = [
     ReshapeToFlatten(),
     CollapseReshapes(),
     SequenceToSplit(),
+    # a depthwise multiplier left by residual removal (or exported so): a depthwise Conv
+    WidenIntoDepthwise(),
     # opt-in (--remove-residuals), after every merging rule:
     RemoveResidual(),
     MergePointwisePair(),
@@ -43,7 +45,6 @@ RULES: list[Rule] = [
 # others would fold back (docs/DESIGN.md, "Targets").
 TARGET_RULES: dict[str, list[Rule]] = {
     "openvino": [TransposedMatMulWeight()],
-    "mnn": [WidenIntoDepthwise()],
 }
 
 __all__ = ["RULES", "TARGET_RULES"]
