@@ -1,5 +1,6 @@
-"""Rules that run for one `--target` only (onnxrep.rules.TARGET_RULES): each fires for its
-target alone, keeps the model exact, and refuses what it cannot write."""
+"""matmul-weight-layout, the rule that runs for `--target openvino` only
+(onnxrep.rules.TARGET_RULES): it fires for that target alone, keeps the model exact, and
+refuses what it cannot write."""
 
 from __future__ import annotations
 
@@ -96,38 +97,14 @@ def test_levit_on_openvino_has_no_more_layers_than_the_plain_export(form: str,
     assert fused.layers <= plain_check.layers, (fused.layers, plain_check.layers)
 
 
-def _conv_groups(model: onnx.ModelProto) -> list[tuple[int, int, int]]:
-    """(group, weight out channels, weight in channels per group) of every Conv."""
-    weights = {t.name: t for t in model.graph.initializer}
-    out = []
-    for n in model.graph.node:
-        if n.op_type == "Conv":
-            group = next((a.i for a in n.attribute if a.name == "group"), 1)
-            dims = weights[n.input[1]].dims
-            out.append((group, dims[0], dims[1]))
-    return out
-
-
-@pytest.mark.torch
-def test_mobilenetv2_has_no_conv_between_grouped_and_depthwise(tmp_path: Path) -> None:
-    """Residual removal leaves MobileNetV2's first block with a Conv of 2 outputs per input
-    channel (group 8, weight [16, 1, 3, 3]), which MNN splits into 17 layers and onnxruntime
-    runs outside its NCHWc kernels; it becomes depthwise (group 16) with the stem Conv's
-    channels repeated, for every target."""
-    from models.export import export
-    from models.registry import FAMILIES
-
-    family = FAMILIES["mobilenetv2"]
-    src = tmp_path / "train.onnx"
-    export(family.build_train(), family.input_shape, src, "ts-folded")
-    kinds = {}
-    for target in ("onnxruntime", "mnn"):
-        out = tmp_path / f"{target}.onnx"
-        proc = cli("fuse", src, out, "-q", "--remove-residuals", "--target", target)
-        assert proc.returncode == 0, proc.stderr
-        kinds[target] = {"dense" if g == 1 else "depthwise" if w_in == 1 and g == w_out
-                         else "multiplier" for g, w_out, w_in in
-                         _conv_groups(onnx.load(str(out)))}
-    # onnxruntime too: its NCHWc kernels take depthwise Convs only (the multiplier Conv ran
-    # 4-6% slower than the RMNet plain form; with the rule 3% faster)
-    assert kinds["onnxruntime"] == kinds["mnn"] == {"dense", "depthwise"}
+def test_an_integer_weight_is_refused() -> None:
+    """Precondition 2: OpenVINO compresses integer weights by rules of its own."""
+    nodes = [node("MatMul", ["x", "w"], ["out"], "mm")]
+    weight = np.arange(32, dtype=np.int32).reshape(8, 4)
+    model = make_model(nodes, [("x", ["N", 16, 8], onnx.TensorProto.INT32)],
+                       [("out", None, onnx.TensorProto.INT32)],
+                       [const("w", weight, np.int32)])
+    result = fuse_model(model, target="openvino", input_shapes={"x": [2, 16, 8]})
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul"]
+    assert any("int32, not floating point" in r for r in misses_for(result, LAYOUT)), \
+        misses_for(result, LAYOUT)
