@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from onnxrep.io import has_data
+from onnxrep.io import inline_constants
 
 MAX_RUNS = 40  # onnxruntime runs of the input model, in all
 MAX_SECONDS = 30.0
@@ -96,17 +95,7 @@ class _Constraint:
 
 def _ints(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The integer constants whose values the proto holds (initializers and Constant nodes)."""
-    found = {}
-    for t in model.graph.initializer:
-        if (t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and has_data(t)
-                and t.data_location != onnx.TensorProto.EXTERNAL):
-            found[t.name] = numpy_helper.to_array(t)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            value = node.attribute[0].t
-            if value.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-                found[node.output[0]] = numpy_helper.to_array(value)
-    return found
+    return inline_constants(model, (onnx.TensorProto.INT64, onnx.TensorProto.INT32))
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:

@@ -287,9 +287,9 @@ def run(
     asked for: what they add or free does not count."""
     result = EngineResult()
     result.weight_bytes_before = weight_bytes(graph)
-    limit = None if max_growth is None else max_growth * result.weight_bytes_before
-    # bytes the weight-copying rules added (net of what their own rewrites freed): the
-    # bound is on them alone - residual removal widens layers by design, merges shrink them
+    # bytes the weight-copying rules may add in all (net of what their own rewrites free):
+    # the bound is on them alone - residual removal widens layers by design, merges shrink
+    budget = None if max_growth is None else (max_growth - 1) * result.weight_bytes_before
     copied = 0
     cache = _RefusalCache()
     # (rule, node) pairs whose rule raised: skipped for the rest of the run (node held, so its
@@ -330,8 +330,7 @@ def run(
                 weights = _weights_read_by(accepted.removes)
                 growth = _growth(graph, accepted, weights)
                 copies = getattr(rule, "copies_weights", False)
-                if limit is not None and copies and growth > 0 and (
-                        copied + growth > limit - result.weight_bytes_before):
+                if budget is not None and copies and growth > 0 and copied + growth > budget:
                     misses.append(Miss(rule.id, node.name, (
                         f"would copy {copied + growth:,} bytes of weights in all, past "
                         f"--max-growth {max_growth:g} x {result.weight_bytes_before:,}")))

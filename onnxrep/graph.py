@@ -203,8 +203,8 @@ _SEED_ROUNDS = 16  # inference runs; each names the Reshapes the names of the la
 
 def _reshape_symbols(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """The outputs of constant-shape Reshapes whose one -1 entry onnx inference left unnamed
-    (or gave a made-up name),
-    where the element count proves it is a graph input's own symbol S: the input's dims are
+    (or gave a made-up name), where the element count proves it is a graph input's own symbol
+    S: the input's dims are
     static but for one S, and the static product of the input equals that of the target
     (0 entries copy the input's static dims). S * P = free * P with P > 0, so free = S.
     onnx does not divide symbols; the dynamo exporter writes a view's shape as a constant with
@@ -213,10 +213,9 @@ def _reshape_symbols(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     g = model.graph
     symbols = {d.dim_param for i in g.input for d in i.type.tensor_type.shape.dim
                if d.dim_param}
-    dims = {vi.name: _dims(vi) for vi in [*g.input, *g.value_info]}
-    constants = {t.name: t for t in g.initializer}
-    constants.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant"
-                      and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+    infos = {vi.name: vi for vi in [*g.input, *g.value_info]}
+    dims = {name: _dims(vi) for name, vi in infos.items()}
+    constants = io.inline_constants(model, (onnx.TensorProto.INT64,))  # Reshape's shape type
     seeds = []
     for node in g.node:
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(
@@ -224,7 +223,7 @@ def _reshape_symbols(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
             continue
         out = dims.get(node.output[0])
         x = dims.get(node.input[0])
-        target = [int(v) for v in onnx.numpy_helper.to_array(constants[node.input[1]]).ravel()]
+        target = [int(v) for v in constants[node.input[1]].ravel()]
         if out is None or x is None or len(out) != len(target) or target.count(-1) != 1:
             continue
         free = target.index(-1)
@@ -246,10 +245,9 @@ def _reshape_symbols(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
             static_target = int(np.prod([v for k, v in enumerate(entries) if k != free],
                                         dtype=np.int64))
             if static_target > 0 and static_x == static_target:
-                elem = next(vi for vi in g.value_info if vi.name == node.output[0])
                 shape = [named[0] if k == free else d for k, d in enumerate(out)]
                 seeds.append(onnx.helper.make_tensor_value_info(
-                    node.output[0], elem.type.tensor_type.elem_type, shape))
+                    node.output[0], infos[node.output[0]].type.tensor_type.elem_type, shape))
     return seeds
 
 

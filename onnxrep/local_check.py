@@ -275,10 +275,7 @@ def _size_agnostic(node: gs.Node | NewNode) -> bool:
 def check(graph: gs.Graph, replacement: Replacement, seed: int = 0) -> LocalCheck:
     """Compare the removed block with its replacement on onnxruntime (see the module doc)."""
     try:
-        block = _Block(graph, replacement)
-        for t in block.inputs:
-            if np.dtype(t.dtype or np.float32).kind != "f":
-                raise Unchecked(f"{t.name} is not floating point")
+        block = _Block(graph, replacement)  # Unchecked for a non-float input (not a shape)
         before_nodes = block.before()
         after_nodes = block.after()
         symbolic = {t.name: list(t.shape) if t.shape is not None else None for t in block.inputs}

@@ -41,7 +41,7 @@ from onnx import numpy_helper
 
 from onnxrep.errors import OnnxrepError
 from onnxrep.graph import inferred_types
-from onnxrep.io import has_data
+from onnxrep.io import inline_constants
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 INT64_MAX = np.iinfo(np.int64).max
@@ -306,18 +306,6 @@ def _first_version(op: str) -> int:
     return onnx.defs.get_schema(op).since_version if onnx.defs.has(op) else 0
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Values readable from the proto itself: inline initializers and Constant nodes."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-              if has_data(t) and t.data_location != onnx.TensorProto.EXTERNAL}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-            value = _attr(node, "value")
-            if isinstance(value, onnx.TensorProto):
-                values[node.output[0]] = numpy_helper.to_array(value)
-    return values
-
-
 def tensor_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
     """name -> onnx elem_type, and name -> dims (int, or a str / None for a symbolic or unknown
     dim) of every tensor onnx shape inference types from the graph inputs (the declared shapes
@@ -368,7 +356,7 @@ def convert(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     types, dims = tensor_types(model)
     names = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
     names |= {o for n in model.graph.node for o in [*n.input, *n.output]}
-    ctx = _Context(opset, _constants(model), types, dims, names)
+    ctx = _Context(opset, inline_constants(model), types, dims, names)
     nodes: list[onnx.NodeProto] = []
     for original in model.graph.node:
         node = onnx.NodeProto()

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper as edh
+from onnx import numpy_helper
 
 from onnxrep.errors import OnnxrepError, first_line
 from onnxrep.io.wire import copy_fields, read_without_weight_bytes
@@ -225,6 +226,26 @@ def has_data(tensor: onnx.TensorProto) -> bool:
     placeholders do not."""
     return (tensor.HasField("raw_data") or any(len(getattr(tensor, f)) for f in _VALUE_FIELDS)
             or int(np.prod(tensor.dims, dtype=np.int64)) == 0)
+
+
+def inline_constants(model: onnx.ModelProto, data_types: tuple[int, ...] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The values the proto itself holds: initializers with their bytes inline (not external,
+    not a SplitModel's placeholder) and the `value` of default-domain Constant nodes. With
+    `data_types`, only tensors of those onnx types: the others are not converted (no copy of
+    a model's weights to read its integer constants)."""
+    def wanted(t: onnx.TensorProto) -> bool:
+        return data_types is None or t.data_type in data_types
+
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if wanted(t) and has_data(t) and t.data_location != onnx.TensorProto.EXTERNAL}
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if value is not None and wanted(value):
+            values[node.output[0]] = numpy_helper.to_array(value)
+    return values
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
